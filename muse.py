@@ -1,0 +1,447 @@
+"""Muse: text-to-image generation via masked generative transformers, in one file.
+
+Chang et al. 2023, "Muse: Text-To-Image Generation via Masked Generative Transformers"
+(arXiv:2301.00704). Read it beside this file; section numbers below refer to it.
+
+The pipeline (Fig. 3 of the paper):
+  1. a VQGAN (vqgan.py) turns a 256x256 image into a 16x16 grid of codebook ids (§2.2);
+  2. a frozen T5 encoder turns the prompt into a sequence of embeddings (§2.1);
+  3. a bidirectional transformer sees the ids with a random subset replaced by [MASK],
+     cross-attends to the text, and predicts the masked ids (§2.2, §2.4);
+  4. at sampling time, parallel decoding starts from an all-[MASK] grid and, in a few
+     steps (24 for the base model), keeps the most confident predictions and re-masks
+     the rest on a cosine schedule (§2.5, from MaskGIT, Chang et al. 2022), with
+     classifier-free guidance (§2.4.1).
+
+This file holds the text encoder (a Flax T5 that reproduces transformers' T5EncoderModel),
+the masked transformer, the masking objective and the parallel decoder. train.py trains
+it (`python train.py base ...`), sample.py samples it (`python sample.py "a red circle"`).
+
+Shape legend (used in every shape comment):
+  B  batch                          N  image tokens = h * w (the VQGAN grid)
+  L  text tokens (padded length)    D  transformer width
+  Dt T5 width (d_model)             K  codebook size; id K is [MASK]
+  H  attention heads                dh width of one head
+  T  decoding steps
+"""
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+
+# -----------------------------------------------------------------------------
+# The text encoder: T5 (Raffel et al. 2020), encoder only, frozen (§2.1)
+#
+# Muse conditions on the per-token outputs of a pretrained T5-XXL encoder, kept frozen.
+# The module below reproduces transformers' `T5EncoderModel` (tested for parity in
+# test_muse.py): RMS layer norm with no bias, no 1/sqrt(dh) attention scaling (T5 folds it
+# into the initialisation), one learned relative-position bias computed in the first
+# layer and shared by all layers, ReLU MLP for the original T5 and gated-GELU for
+# T5 v1.1 / Flan-T5 / ByT5. Parameter names follow the checkpoint's, so
+# `t5_params_from_hf` is a readable one-to-one mapping.
+# -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class T5Config:
+    vocab_size: int = 384                  # ByT5: 256 bytes + 3 special ids + 125 sentinels
+    d_model: int = 64                      # Dt: width of the embeddings Muse cross-attends to
+    d_kv: int = 16                         # dh: width of one attention head
+    d_ff: int = 128                        # hidden width of the MLP
+    num_layers: int = 2
+    num_heads: int = 4
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+    feed_forward_proj: str = "gated-gelu"  # "relu" (original T5) or "gated-gelu" (v1.1, Flan, ByT5)
+
+
+def relative_position_bucket(length, num_buckets, max_distance):
+    """Bucket of the offset (key position - query position) for every pair: int (L, L).
+
+    Bidirectional T5 buckets: half the buckets for keys to the left, half for the right;
+    within each half, offsets below num_buckets/4 get their own bucket and larger ones
+    share logarithmically wider buckets up to max_distance. Static, so numpy.
+    """
+    rel = np.arange(length)[None, :] - np.arange(length)[:, None]            # (L, L)
+    num_buckets //= 2
+    bucket = (rel > 0).astype(np.int32) * num_buckets
+    n = np.abs(rel)
+    max_exact = num_buckets // 2
+    # (offsets below max_exact take the `n` branch of the where; maximum(n, 1) only avoids log(0))
+    large = max_exact + (np.log(np.maximum(n, 1) / max_exact) / math.log(max_distance / max_exact)
+                         * (num_buckets - max_exact)).astype(np.int32)
+    large = np.minimum(large, num_buckets - 1)
+    return bucket + np.where(n < max_exact, n, large)
+
+
+class T5LayerNorm(nn.Module):
+    """RMS norm: scale only, no mean subtraction and no bias (T5's choice)."""
+    eps: float
+
+    @nn.compact
+    def __call__(self, x):                                                   # (B, L, Dt)
+        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],))
+        variance = jnp.mean(x.astype(jnp.float32) ** 2, axis=-1, keepdims=True)
+        return weight * (x * jax.lax.rsqrt(variance + self.eps))
+
+
+class T5Block(nn.Module):
+    cfg: T5Config
+
+    @nn.compact
+    def __call__(self, x, bias):                  # x (B, L, Dt); bias (B, H, L, L): positions + padding
+        c = self.cfg
+        B, L, _ = x.shape
+        # init scales follow transformers' T5 so a random encoder has sensible activations
+        normal = lambda fan: nn.initializers.normal(fan ** -0.5)
+        dense = lambda n, name, fan: nn.Dense(n, use_bias=False, name=name, kernel_init=normal(fan))
+
+        h = T5LayerNorm(c.layer_norm_epsilon, name="attn_norm")(x)
+        inner = c.num_heads * c.d_kv
+        q = dense(inner, "q", c.d_model * c.d_kv)(h).reshape(B, L, c.num_heads, c.d_kv)   # (B, L, H, dh)
+        k = dense(inner, "k", c.d_model)(h).reshape(B, L, c.num_heads, c.d_kv)
+        v = dense(inner, "v", c.d_model)(h).reshape(B, L, c.num_heads, c.d_kv)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) + bias                              # (B, H, L, L)
+        weights = jax.nn.softmax(scores, axis=-1)
+        o = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(B, L, inner)               # (B, L, H*dh)
+        x = x + dense(c.d_model, "o", inner)(o)
+
+        h = T5LayerNorm(c.layer_norm_epsilon, name="ff_norm")(x)
+        if c.feed_forward_proj == "gated-gelu":   # GEGLU (Shazeer 2020); transformers' "gelu_new" = tanh GELU
+            h = (jax.nn.gelu(dense(c.d_ff, "wi_0", c.d_model)(h), approximate=True)
+                 * dense(c.d_ff, "wi_1", c.d_model)(h))
+        elif c.feed_forward_proj == "relu":
+            h = jax.nn.relu(dense(c.d_ff, "wi", c.d_model)(h))
+        else:
+            raise ValueError(f"unsupported feed_forward_proj {c.feed_forward_proj!r}")
+        return x + dense(c.d_model, "wo", c.d_ff)(h)                                     # (B, L, Dt)
+
+
+class T5Encoder(nn.Module):
+    cfg: T5Config
+
+    @nn.compact
+    def __call__(self, ids, mask):                # ids int (B, L), mask bool (B, L) -> (B, L, Dt)
+        c = self.cfg
+        x = nn.Embed(c.vocab_size, c.d_model, name="shared",
+                     embedding_init=nn.initializers.normal(1.0))(ids)                    # (B, L, Dt)
+        buckets = relative_position_bucket(ids.shape[1], c.relative_attention_num_buckets,
+                                           c.relative_attention_max_distance)            # (L, L)
+        pos_bias = nn.Embed(c.relative_attention_num_buckets, c.num_heads, name="relative_attention_bias",
+                            embedding_init=nn.initializers.normal(c.d_model ** -0.5))(buckets)  # (L, L, H)
+        # padding keys get the most negative float, exactly as transformers does
+        pad_bias = jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]   # (B, 1, 1, L)
+        bias = pos_bias.transpose(2, 0, 1)[None] + pad_bias                              # (B, H, L, L)
+        for i in range(c.num_layers):
+            x = T5Block(c, name=f"block_{i}")(x, bias)
+        return T5LayerNorm(c.layer_norm_epsilon, name="final_layer_norm")(x)
+
+
+def t5_params_from_hf(state, cfg: T5Config):
+    """Map a transformers T5 state dict (name -> numpy array) onto T5Encoder's params.
+
+    torch's Linear stores its weight as (out, in); a Flax Dense kernel is (in, out).
+    """
+    kernel = lambda name: {"kernel": np.asarray(state[name]).T}
+    params = {"shared": {"embedding": state["shared.weight"]},
+              "relative_attention_bias": {
+                  "embedding": state["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]},
+              "final_layer_norm": {"weight": state["encoder.final_layer_norm.weight"]}}
+    mlp = ("wi_0", "wi_1", "wo") if cfg.feed_forward_proj == "gated-gelu" else ("wi", "wo")
+    for i in range(cfg.num_layers):
+        pre = f"encoder.block.{i}.layer."
+        block = {"attn_norm": {"weight": state[pre + "0.layer_norm.weight"]},
+                 "ff_norm": {"weight": state[pre + "1.layer_norm.weight"]}}
+        for name in ("q", "k", "v", "o"):
+            block[name] = kernel(pre + f"0.SelfAttention.{name}.weight")
+        for name in mlp:
+            block[name] = kernel(pre + f"1.DenseReluDense.{name}.weight")
+        params[f"block_{i}"] = block
+    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+
+
+class TextEncoder:
+    """Prompts in, embeddings out: `emb, mask = enc(["a red circle"])`.
+
+    emb float32 (B, L, Dt), mask bool (B, L). Prompts are padded to a fixed length L so
+    that every call reuses one compiled function. The weights never change (frozen, §2.1).
+    """
+
+    def __init__(self, cfg: T5Config, params, tokenizer, max_length: int = 64):
+        self.cfg, self.params, self.tokenizer, self.max_length = cfg, params, tokenizer, max_length
+        self.model = T5Encoder(cfg)
+        self._encode = jax.jit(lambda p, ids, mask: self.model.apply({"params": p}, ids, mask))
+
+    def tokenize(self, prompts):
+        """-> ids int32 (B, L), mask bool (B, L); the tokenizer appends </s>, so "" is one token."""
+        out = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length,
+                             truncation=True, return_tensors="np")
+        return out["input_ids"].astype(np.int32), out["attention_mask"].astype(bool)
+
+    def encode_ids(self, ids, mask):
+        return self._encode(self.params, ids, mask)
+
+    def __call__(self, prompts):
+        ids, mask = self.tokenize(prompts)
+        return self.encode_ids(ids, mask), jnp.asarray(mask)
+
+
+def byte_tokenizer():
+    """ByT5's tokenizer: UTF-8 bytes + 3, no vocabulary file, so it works offline."""
+    from transformers import ByT5Tokenizer
+    return ByT5Tokenizer()
+
+
+def random_t5(cfg: T5Config = T5Config(), seed: int = 0, max_length: int = 64):
+    """The offline default text encoder: ByT5's byte tokenizer and a small randomly
+    initialised T5, frozen. No pretrained weights can be downloaded here, so this stands in
+    for T5-XXL; its weights are saved in every Muse checkpoint so samples are reproducible.
+    A random frozen encoder still gives each prompt a distinct, position-aware embedding
+    that the transformer's cross-attention learns to read.
+    """
+    ids = jnp.zeros((1, max_length), jnp.int32)
+    params = T5Encoder(cfg).init(jax.random.PRNGKey(seed), ids, ids > 0)["params"]
+    return TextEncoder(cfg, params, byte_tokenizer(), max_length)
+
+
+def load_t5(name_or_path: str, max_length: int = 64):
+    """Load a transformers-format T5 encoder (config.json, model.safetensors, tokenizer files).
+
+    Works for t5-*, t5-v1_1-*, flan-t5-* and byt5-*. A name that is not a local folder is
+    fetched from the Hugging Face hub (needs internet).
+    """
+    from safetensors.numpy import load_file
+    from transformers import AutoTokenizer
+    path = name_or_path
+    if not os.path.isdir(path):
+        from huggingface_hub import snapshot_download
+        path = snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+    with open(os.path.join(path, "config.json")) as f:
+        hf = json.load(f)
+    fields = set(T5Config.__dataclass_fields__)
+    cfg = T5Config(**{k: v for k, v in hf.items() if k in fields})
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):                   # large checkpoints are sharded
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        shards = ["model.safetensors"]
+    state = {}
+    for shard in shards:
+        state.update(load_file(os.path.join(path, shard)))
+    if "shared.weight" not in state:            # some exports keep only the encoder's tied copy
+        state["shared.weight"] = state["encoder.embed_tokens.weight"]
+    return TextEncoder(cfg, t5_params_from_hf(state, cfg), AutoTokenizer.from_pretrained(path), max_length)
+
+
+# -----------------------------------------------------------------------------
+# The masked transformer (§2.2, §2.3)
+# -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MuseConfig:
+    codebook_size: int = 512       # K: ids 0..K-1 are VQGAN codes, id K is [MASK]
+    grid: int = 8                  # h = w of the VQGAN token grid; N = grid ** 2
+    width: int = 256               # D
+    depth: int = 4                 # transformer blocks
+    heads: int = 4                 # H
+    head_dim: int = 64             # dh
+    mlp_ratio: int = 4             # MLP hidden width = mlp_ratio * D
+    text_dim: int = 64             # Dt: width of the T5 embeddings, projected to D
+    label_smoothing: float = 0.1   # on the masked-token cross-entropy
+    cond_drop: float = 0.1         # fraction of examples trained on the empty prompt (§2.4.1)
+
+    @property
+    def mask_id(self) -> int:
+        return self.codebook_size
+
+    @property
+    def num_tokens(self) -> int:   # N
+        return self.grid * self.grid
+
+
+PRESETS = {
+    "tiny": MuseConfig(codebook_size=64, grid=4, width=64, depth=2, heads=2, head_dim=32, text_dim=64),
+    "shapes": MuseConfig(codebook_size=512, grid=8, width=256, depth=4, heads=4, head_dim=64),
+    # the two configurations of the speed issue (issue 6), against muse-maskgit-pytorch
+    "small": MuseConfig(codebook_size=512, grid=8, width=256, depth=4, heads=4, head_dim=64, text_dim=256),
+    "medium": MuseConfig(codebook_size=512, grid=16, width=512, depth=8, heads=4, head_dim=64, text_dim=256),
+}
+
+
+class Attention(nn.Module):
+    """Multi-head attention of x over ctx (self-attention when ctx is x)."""
+    heads: int
+    head_dim: int
+
+    @nn.compact
+    def __call__(self, x, ctx, ctx_mask=None):    # x (B, N, D), ctx (B, M, D'), ctx_mask bool (B, M)
+        proj = lambda name: nn.DenseGeneral((self.heads, self.head_dim), use_bias=False, name=name)
+        q, k, v = proj("q")(x), proj("k")(ctx), proj("v")(ctx)                           # (B, *, H, dh)
+        mask = None if ctx_mask is None else ctx_mask[:, None, None, :]                 # (B, 1, 1, M)
+        # scaled dot-product softmax attention; on GPUs jax picks cuDNN's fused kernel
+        o = jax.nn.dot_product_attention(q, k, v, mask=mask)                            # (B, N, H, dh)
+        return nn.DenseGeneral(x.shape[-1], axis=(-2, -1), name="o")(o)                 # (B, N, D)
+
+
+class Block(nn.Module):
+    """Pre-LN block: self-attention over image tokens, cross-attention to the text, MLP."""
+    cfg: MuseConfig
+
+    @nn.compact
+    def __call__(self, x, ctx, ctx_mask):        # x (B, N, D), ctx (B, L, D), ctx_mask (B, L)
+        c = self.cfg
+        h = nn.LayerNorm(name="norm_self")(x)
+        x = x + Attention(c.heads, c.head_dim, name="self_attn")(h, h)
+        # every image token reads the prompt; padding tokens of the prompt are masked out
+        x = x + Attention(c.heads, c.head_dim, name="cross_attn")(nn.LayerNorm(name="norm_cross")(x), ctx, ctx_mask)
+        h = nn.Dense(c.mlp_ratio * c.width, name="mlp_in")(nn.LayerNorm(name="norm_mlp")(x))
+        return x + nn.Dense(c.width, name="mlp_out")(nn.gelu(h))                         # (B, N, D)
+
+
+class MaskedTransformer(nn.Module):
+    """ids (some = [MASK]) + text -> logits over the K codes at every position (§2.2)."""
+    cfg: MuseConfig
+
+    @nn.compact
+    def __call__(self, ids, text_emb, text_mask):  # ids (B, N), text_emb (B, L, Dt), text_mask (B, L)
+        c = self.cfg
+        init = nn.initializers.normal(0.02)
+        x = nn.Embed(c.codebook_size + 1, c.width, embedding_init=init, name="tok_emb")(ids)   # (B, N, D)
+        x = x + self.param("pos_emb", init, (c.num_tokens, c.width))                          # learned positions
+        # the paper projects the T5 embeddings to the transformer's width (§2.2)
+        ctx = nn.Dense(c.width, name="text_proj")(text_emb)                                  # (B, L, D)
+        for i in range(c.depth):
+            x = Block(c, name=f"block_{i}")(x, ctx, text_mask)
+        x = nn.LayerNorm(name="norm_out")(x)
+        return nn.Dense(c.codebook_size, name="head")(x)                                     # (B, N, K)
+
+
+# -----------------------------------------------------------------------------
+# Training objective (§2.4): cosine-distributed masking, loss on masked tokens only
+# -----------------------------------------------------------------------------
+
+def random_mask(rng, num_tokens):
+    """Which of the N tokens of one example to mask: bool (N,).
+
+    The masking rate is r = cos(pi/2 * u) with u ~ U(0, 1), i.e. density (2/pi)(1 - r^2)^(-1/2)
+    (§2.4): biased towards high rates, as at the start of decoding. At least one token is
+    masked, so every example contributes to the loss.
+    """
+    r_rate, r_pick = jax.random.split(rng)
+    rate = jnp.cos(jnp.pi / 2 * jax.random.uniform(r_rate))
+    n_masked = jnp.clip(jnp.ceil(rate * num_tokens), 1, num_tokens)
+    rank = jnp.argsort(jnp.argsort(jax.random.uniform(r_pick, (num_tokens,))))  # a random permutation
+    return rank < n_masked
+
+
+def masked_token_loss(model, params, ids, text_emb, text_mask, empty_emb, empty_mask, rngs):
+    """Per-example loss of the masked-token objective; returns (loss (B,), accuracy (B,)).
+
+    ids int32 (B, N) are the VQGAN tokens; text_emb (B, L, Dt) / text_mask (B, L) the prompt;
+    empty_emb (L, Dt) / empty_mask (L,) the embedding of the empty prompt; rngs one key per
+    example (B,), so an example's masking does not depend on the rest of the batch (and the
+    result does not depend on how the batch is split across devices).
+
+    Each example's loss is the cross-entropy averaged over its masked tokens; the batch loss
+    is the mean over examples.
+    """
+    c = model.cfg
+    B, N = ids.shape
+    keys = jax.vmap(lambda k: jax.random.split(k, 2))(rngs)                              # (B, 2) keys
+    mask = jax.vmap(random_mask, in_axes=(0, None))(keys[:, 0], N)                       # (B, N)
+    # classifier-free guidance (§2.4.1): 10% of examples see the empty prompt instead of theirs
+    drop = jax.vmap(lambda k: jax.random.bernoulli(k, c.cond_drop))(keys[:, 1])          # (B,)
+    text_emb = jnp.where(drop[:, None, None], empty_emb[None], text_emb)
+    text_mask = jnp.where(drop[:, None], empty_mask[None], text_mask)
+
+    logits = model.apply({"params": params}, jnp.where(mask, c.mask_id, ids), text_emb, text_mask)  # (B, N, K)
+    targets = jax.nn.one_hot(ids, c.codebook_size)
+    targets = targets * (1 - c.label_smoothing) + c.label_smoothing / c.codebook_size
+    ce = -jnp.sum(targets * jax.nn.log_softmax(logits), axis=-1)                        # (B, N)
+    n_masked = mask.sum(axis=1)                                                          # (B,), >= 1
+    loss = jnp.sum(ce * mask, axis=1) / n_masked
+    acc = jnp.sum((logits.argmax(-1) == ids) * mask, axis=1) / n_masked
+    return loss, acc
+
+
+# -----------------------------------------------------------------------------
+# Parallel decoding (§2.5, MaskGIT Chang et al. 2022)
+# -----------------------------------------------------------------------------
+
+def mask_schedule(n0, t, steps, n_masked):
+    """How many tokens stay masked after step t (0-based) of `steps`: int (B,).
+
+    Cosine schedule (MaskGIT): floor(n0 * cos(pi/2 * (t+1)/steps)), where n0 is the number
+    masked at the start (the whole grid for generation, the masked region for editing).
+    Clipped so that every step reveals at least one still-masked token and the last step
+    reveals all: n_masked is the count before this step.
+    """
+    target = jnp.floor(n0 * jnp.cos(jnp.pi / 2 * (t + 1) / steps)).astype(jnp.int32)
+    return jnp.clip(jnp.minimum(target, n_masked - 1), 0, None)
+
+
+def guided_logits(model, params, ids, ctx, ctx_mask, uncond, uncond_mask, scale):
+    """Classifier-free guidance (§2.4.1): (1 + s) * l_cond - s * l_uncond, logits (B, N, K).
+
+    `uncond` is the empty prompt's embedding, or a negative prompt's: guidance then pushes
+    away from it. Both passes run as one forward over a doubled batch.
+    """
+    B = ids.shape[0]
+    logits = model.apply({"params": params}, jnp.concatenate([ids, ids]),
+                         jnp.concatenate([ctx, uncond]), jnp.concatenate([ctx_mask, uncond_mask]))  # (2B, N, K)
+    cond, uncond_logits = logits[:B], logits[B:]
+    return (1 + scale) * cond - scale * uncond_logits
+
+
+def decode(model, params, ctx, ctx_mask, uncond, uncond_mask, rng, init_ids=None, steps=24,
+           guidance=3.0, temperature=1.0, choice_temperature=4.5):
+    """Parallel decoding: fill every [MASK] in `init_ids` in `steps` forward passes.
+
+    ctx (B, L, Dt) / ctx_mask (B, L): the prompt's T5 embedding, encoded once by the caller.
+    uncond / uncond_mask: same shapes, the empty or negative prompt.
+    init_ids (B, N): known tokens plus [MASK]s; None means an all-[MASK] grid (generation).
+    Returns (ids (B, N), history (T, B, N)): the grid after each step, so tests can check
+    that every token is revealed exactly once and that known tokens never change.
+
+    At step t: predict every position, sample a token at each masked one (with
+    `temperature`), score it by its log-probability plus Gumbel noise whose temperature
+    falls linearly to 0 (MaskGIT's "choice temperature": exploration early, greedy late),
+    keep the most confident and re-mask the mask_schedule(...) least confident. Known
+    tokens get confidence +inf, so they are never re-masked. The guidance scale ramps
+    linearly from 0 to `guidance` over the steps (§2.5).
+    """
+    c = model.cfg
+    B = ctx.shape[0]
+    if init_ids is None:
+        init_ids = jnp.full((B, c.num_tokens), c.mask_id, jnp.int32)
+    n0 = jnp.sum(init_ids == c.mask_id, axis=1)                                         # (B,)
+
+    def step(carry, t):
+        ids, rng = carry
+        rng, r_sample, r_gumbel = jax.random.split(rng, 3)
+        ratio = (t + 1) / steps
+        logits = guided_logits(model, params, ids, ctx, ctx_mask, uncond, uncond_mask, guidance * ratio)
+        logp = jax.nn.log_softmax(logits / jnp.maximum(temperature, 1e-6))               # (B, N, K)
+        unknown = ids == c.mask_id                                                       # (B, N)
+        sampled = jnp.where(unknown, jax.random.categorical(r_sample, logp), ids)        # (B, N)
+        confidence = jnp.take_along_axis(logp, sampled[..., None], axis=-1)[..., 0]      # (B, N)
+        confidence += choice_temperature * (1 - ratio) * jax.random.gumbel(r_gumbel, confidence.shape)
+        confidence = jnp.where(unknown, confidence, jnp.inf)
+        n_after = mask_schedule(n0, t, steps, unknown.sum(axis=1))                      # (B,)
+        rank = jnp.argsort(jnp.argsort(confidence, axis=1), axis=1)                      # 0 = least confident
+        ids = jnp.where(rank < n_after[:, None], c.mask_id, sampled)
+        return (ids, rng), ids
+
+    (ids, _), history = jax.lax.scan(step, (init_ids.astype(jnp.int32), rng), jnp.arange(steps))
+    return ids, history
+
+
+# one compiled program for the whole decoding loop; the model and the step count are static
+decode_jit = jax.jit(decode, static_argnames=("model", "steps"))

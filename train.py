@@ -1,0 +1,425 @@
+"""Train Muse's stages with data-parallel `jax.pmap`: the VQGAN tokenizer, then the base model.
+
+    python train.py vqgan --data shapes --workdir runs/vq   --steps 3000 --batch_size 64
+    python train.py base  --data shapes --workdir runs/base --steps 5000 --batch_size 64 --vqgan runs/vq
+
+Runs on one CPU, on every local device of a GPU/TPU host, and on multi-host TPU pods (see
+"Multi-host" below). Each run writes into --workdir:
+    checkpoint.msgpack   params, optimizer state, step, RNG and the full config (written atomically)
+    metrics.jsonl        one JSON object per logged step: step, loss, lr, images_per_sec, ...
+    samples/NNNNNN.png   sample grids (vqgan: originals above reconstructions; base: prompts -> images)
+
+Data parallelism (as in Flax's imagenet example): the parameters are replicated on every
+device; the global batch of B examples is reshaped to (devices, B / devices, ...) so each
+device gets its own slice; each device computes gradients on its slice and `lax.pmean`
+averages them, so every replica applies the same update and stays identical. Every loss
+here is a mean of per-example terms and every random draw is keyed by the example's
+global index, so the run does not depend on the device count: 1 device and 4 devices
+give the same losses (test_muse.py checks it).
+
+Multi-host (TPU pods): start the same command on every host with `--multihost`; it calls
+`jax.distributed.initialize()`, each process renders only its rows of the global batch
+(rows [p * B/P, (p+1) * B/P) for process p of P) and feeds them to its local devices,
+pmap runs over all devices of all hosts, and only process 0 writes files. This cannot be
+run on a single machine, so it is untested here.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, replace
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import optax
+from flax import serialization
+from tqdm import tqdm
+
+import muse
+import shapes
+import vqgan
+from sample import read_checkpoint, generate, save_grid, fail
+
+CHECKPOINT = "checkpoint.msgpack"
+SAMPLE_PROMPTS = ["a red circle", "a large blue square", "a green triangle on the left",
+                  "a yellow circle above a purple square", "three cyan triangles",
+                  "a small red square", "a blue circle to the right of a green triangle", "two purple circles"]
+
+
+# -----------------------------------------------------------------------------
+# Data: the built-in shapes world (shapes.py), a pure function of (seed, step)
+# -----------------------------------------------------------------------------
+
+def host_batch(args, step, resolution, text_encoder=None):
+    """This process's rows of the global batch for `step`, as numpy arrays.
+
+    images float32 (b, S, S, 3) in [-1, 1]; with a text encoder also text_ids int32 (b, L)
+    and text_mask bool (b, L) (the prompts are tokenized here, encoded on the device).
+    """
+    b = args.batch_size // jax.process_count()
+    start = jax.process_index() * b
+    images, captions = shapes.shapes_batch(args.seed, step, args.batch_size, resolution, start, start + b)
+    batch = {"images": images.astype(np.float32) / 127.5 - 1.0}
+    if text_encoder is not None:
+        batch["text_ids"], batch["text_mask"] = text_encoder.tokenize(captions)
+    return batch
+
+
+def shard(tree, n):
+    """(b, ...) -> (n, b / n, ...): the leading axis of a pmapped argument is the device."""
+    return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), tree)
+
+
+def replicate(tree, n):
+    """One copy per device along a new leading axis (pmap places copy i on device i)."""
+    return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), tree)
+
+
+def unreplicate(tree):
+    return jax.tree.map(lambda x: x[0], tree)
+
+
+# -----------------------------------------------------------------------------
+# Optimizer: AdamW, linear warm-up then cosine decay, global-norm gradient clipping
+# -----------------------------------------------------------------------------
+
+def make_optimizer(args):
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=args.lr, warmup_steps=args.warmup,
+        decay_steps=max(args.decay_steps, args.warmup + 1), end_value=args.lr * 0.1)
+    # weight decay on matrices only: decaying norm scales and biases towards 0 only hurts
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    tx = optax.chain(optax.clip_by_global_norm(args.grad_clip),
+                     optax.adamw(schedule, b1=0.9, b2=0.99, weight_decay=args.weight_decay, mask=decay_mask))
+    return tx, schedule
+
+
+# -----------------------------------------------------------------------------
+# The two stages. Each returns its config (a JSON-able dict), its initial trainable
+# params, the frozen arrays it needs (`consts`), and a per-device train step.
+# -----------------------------------------------------------------------------
+
+def example_keys(rng, step, per_device):
+    """One PRNG key per example, from (run key, step, the example's global index).
+
+    Keying by the global index, not by the device, makes the draws independent of how the
+    batch is split across devices; folding in the step makes resumed runs draw the same.
+    """
+    first = jax.lax.axis_index("batch") * per_device
+    step_key = jax.random.fold_in(rng, step)
+    return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(first + jnp.arange(per_device))
+
+
+def setup_vqgan(args, config):
+    cfg = vqgan.VQGANConfig(**config["vqgan"])
+    model, disc = vqgan.VQGAN(cfg), vqgan.PatchDiscriminator(cfg)
+
+    def init(rng):
+        x = jnp.zeros((1, cfg.resolution, cfg.resolution, 3))
+        r1, r2 = jax.random.split(rng)
+        return {"vqgan": model.init(r1, x)["params"], "disc": disc.init(r2, x)["params"]}
+
+    def loss_fn(params, consts, batch, rng, step):
+        # The generator's adversarial term sees the discriminator through stop_gradient and
+        # the discriminator sees the reconstruction through stop_gradient (vqgan_losses),
+        # so one gradient of the sum trains each network on its own objective only.
+        out = vqgan.vqgan_losses(model, disc, params["vqgan"], params["disc"], batch["images"],
+                                 use_adv=step >= args.disc_start)
+        loss = out["g_loss"].mean() + out["d_loss"].mean()
+        # usage statistics over the global batch: psum the code counts of every device
+        counts = jax.lax.psum(jnp.bincount(out["ids"].reshape(-1), length=cfg.codebook_size), "batch")
+        p = counts / counts.sum()
+        metrics = {"loss": out["g_loss"].mean(), "rec_loss": out["rec_loss"].mean(),
+                   "d_loss": out["d_loss"].mean(), "commit_loss": out["commit_loss"].mean(),
+                   "codebook_usage": jnp.mean(counts > 0),
+                   "perplexity": jnp.exp(-jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.maximum(p, 1e-30)), 0.0)))}
+        return loss, metrics
+
+    def sample_grid(params, consts, path):
+        images = host_batch(args, 0, cfg.resolution)["images"][:8]
+        recon = vqgan.decode_jit(model, params["vqgan"], vqgan.encode_jit(model, params["vqgan"], images))
+        save_grid(np.concatenate([vqgan.to_uint8(images), vqgan.to_uint8(recon)]), path, cols=8)
+
+    return {"init": init, "consts": {}, "loss_fn": loss_fn, "sample_grid": sample_grid,
+            "resolution": cfg.resolution, "text_encoder": None}
+
+
+def setup_base(args, config, consts):
+    """The base masked transformer on top of a trained (frozen) VQGAN and a frozen T5.
+
+    consts: {"vqgan": tokenizer params, "t5": text encoder params}, both frozen.
+    """
+    vq_cfg = vqgan.VQGANConfig(**config["vqgan"])
+    t5_cfg = muse.T5Config(**config["t5"])
+    cfg = muse.MuseConfig(**config["muse"])
+    vq_model, t5, model = vqgan.VQGAN(vq_cfg), muse.T5Encoder(t5_cfg), muse.MaskedTransformer(cfg)
+    text_encoder = muse.TextEncoder(t5_cfg, consts["t5"], load_tokenizer(config, args.workdir),
+                                    config["text_length"])
+    empty_emb, empty_mask = text_encoder([""])
+    consts = dict(consts, empty_emb=np.asarray(empty_emb[0]), empty_mask=np.asarray(empty_mask[0]))
+
+    def init(rng):
+        ids = jnp.zeros((1, cfg.num_tokens), jnp.int32)
+        emb = jnp.zeros((1, config["text_length"], t5_cfg.d_model))
+        return model.init(rng, ids, emb, jnp.ones(emb.shape[:2], bool))["params"]
+
+    def loss_fn(params, consts, batch, rng, step):
+        # the frozen stages run inside the step, on the device: tokens and text embeddings
+        ids = vq_model.apply({"params": consts["vqgan"]}, batch["images"], method="encode")   # (b, h, w)
+        emb = t5.apply({"params": consts["t5"]}, batch["text_ids"], batch["text_mask"])       # (b, L, Dt)
+        b = ids.shape[0]
+        loss, acc = muse.masked_token_loss(model, params, ids.reshape(b, -1), emb, batch["text_mask"],
+                                           consts["empty_emb"], consts["empty_mask"],
+                                           example_keys(rng, step, b))
+        return loss.mean(), {"loss": loss.mean(), "masked_acc": acc.mean()}
+
+    def sample_grid(params, consts, path):
+        images = generate(model, params, vq_model, consts["vqgan"], text_encoder, SAMPLE_PROMPTS, seed=0)
+        save_grid(images, path, cols=4)
+
+    return {"init": init, "consts": consts, "loss_fn": loss_fn, "sample_grid": sample_grid,
+            "resolution": vq_cfg.resolution, "text_encoder": text_encoder}
+
+
+def load_tokenizer(config, workdir):
+    if config["tokenizer"] == "byt5":
+        return muse.byte_tokenizer()
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(os.path.join(workdir, "tokenizer"))
+
+
+def new_run(args):
+    """The full config of a new run (stored in its checkpoint: resume and sampling read it)
+    and its frozen arrays (`consts`: the base stage's tokenizer and text encoder)."""
+    train_args = {k: getattr(args, k) for k in RESUMED_ARGS}
+    if args.stage == "vqgan":
+        cfg = vqgan.PRESETS[args.preset or "shapes"]
+        if args.adv_weight is not None:
+            cfg = replace(cfg, adv_weight=args.adv_weight)
+        return {"stage": "vqgan", "vqgan": asdict(cfg), "train": train_args}, {}
+    if not args.vqgan:
+        fail("the base stage needs a trained tokenizer: pass --vqgan DIR (from `python train.py vqgan ...`)")
+    vq_ckpt = read_checkpoint(args.vqgan)
+    if vq_ckpt["config"]["stage"] != "vqgan":
+        fail(f"--vqgan {args.vqgan}: holds a {vq_ckpt['config']['stage']!r} checkpoint, not a vqgan one")
+    vq_cfg = vq_ckpt["config"]["vqgan"]
+    if args.text_encoder:                       # a pretrained transformers T5 (folder or hub name)
+        enc = muse.load_t5(args.text_encoder, args.text_length)
+        os.makedirs(args.workdir, exist_ok=True)
+        enc.tokenizer.save_pretrained(os.path.join(args.workdir, "tokenizer"))
+        tokenizer = "tokenizer"
+    else:                                       # offline default: byte-level ByT5 + small random T5
+        enc = muse.random_t5(muse.T5Config(), seed=args.seed, max_length=args.text_length)
+        tokenizer = "byt5"
+    vq = vqgan.VQGANConfig(**vq_cfg)
+    cfg = replace(muse.PRESETS[args.preset or "shapes"], codebook_size=vq.codebook_size, grid=vq.grid,
+                  text_dim=enc.cfg.d_model)
+    return {"stage": "base", "vqgan": vq_cfg, "t5": asdict(enc.cfg), "muse": asdict(cfg),
+            "tokenizer": tokenizer, "text_length": args.text_length, "train": train_args}, \
+        {"vqgan": vq_ckpt["params"]["vqgan"], "t5": enc.params}
+
+
+# Flags that define the optimisation trajectory: stored in the checkpoint and restored by
+# --resume, so a resumed run continues exactly (only --steps and the logging flags may change).
+RESUMED_ARGS = ("batch_size", "seed", "lr", "warmup", "decay_steps", "weight_decay", "grad_clip",
+                "disc_start", "preset")
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: one msgpack file, written to a temporary name and renamed into place, so
+# a crash mid-write leaves the previous checkpoint intact.
+# -----------------------------------------------------------------------------
+
+def save_checkpoint(workdir, state, consts, config, rng):
+    payload = jax.tree.map(np.asarray, {
+        "step": state["step"], "rng": rng,
+        "params": state["params"], "opt_state": serialization.to_state_dict(state["opt_state"]),
+        "consts": {k: consts[k] for k in ("vqgan", "t5") if k in consts}})
+    payload["config"] = json.dumps(config)
+    path = os.path.join(workdir, CHECKPOINT)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(serialization.msgpack_serialize(payload))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)                       # atomic on POSIX
+
+
+# -----------------------------------------------------------------------------
+# The training loop
+# -----------------------------------------------------------------------------
+
+def train(args):
+    n_dev = args.num_devices or jax.local_device_count()
+    # pmap over all devices of all hosts unless asked for fewer (a multi-host pmap must span all)
+    devices = jax.local_devices()[:n_dev] if args.num_devices else None
+    n_global = n_dev * jax.process_count()
+    if args.batch_size % n_global:
+        fail(f"--batch_size {args.batch_size} must be a multiple of the device count {n_global}")
+    is_main = jax.process_index() == 0
+    os.makedirs(args.workdir, exist_ok=True)
+    ckpt_path = os.path.join(args.workdir, CHECKPOINT)
+
+    if args.resume:
+        if not os.path.exists(ckpt_path):
+            fail(f"--resume: no checkpoint at {ckpt_path}")
+        ckpt = read_checkpoint(args.workdir)
+        config = ckpt["config"]
+        if config["stage"] != args.stage:
+            fail(f"--resume: {ckpt_path} is a {config['stage']!r} checkpoint, not {args.stage!r}")
+        for k in RESUMED_ARGS:                  # the trajectory's flags come from the checkpoint
+            setattr(args, k, config["train"][k])
+        consts = ckpt.get("consts", {})
+    else:
+        if os.path.exists(ckpt_path):
+            fail(f"{ckpt_path} exists: pass --resume to continue it, or choose another --workdir")
+        config, consts = new_run(args)
+    setup = setup_vqgan(args, config) if args.stage == "vqgan" else setup_base(args, config, consts)
+    consts = setup["consts"]
+    tx, schedule = make_optimizer(args)
+
+    rng = jax.random.PRNGKey(args.seed)
+    params = setup["init"](jax.random.fold_in(rng, 0))
+    # the step lives on the device (int32, as the step function returns it: a different
+    # dtype on the first call would compile the step twice)
+    state = {"params": params, "opt_state": tx.init(params), "step": np.int32(0)}
+    if args.resume:
+        state = {"params": serialization.from_state_dict(params, ckpt["params"]),
+                 "opt_state": serialization.from_state_dict(state["opt_state"], ckpt["opt_state"]),
+                 "step": np.int32(ckpt["step"])}
+        rng = jnp.asarray(ckpt["rng"], jnp.uint32)
+        truncate_metrics(args.workdir, state["step"])
+    start = int(state["step"])
+    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    if is_main:
+        print(f"stage {args.stage}: {n_params / 1e6:.2f}M trainable params; global batch {args.batch_size} = "
+              f"{n_global} devices x {args.batch_size // n_global} per device ({jax.default_backend()})")
+
+    loss_fn = setup["loss_fn"]
+
+    def train_step(state, consts, batch, rng):
+        step = state["step"]
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], consts, batch, rng, step)
+        # each device saw a different slice of the batch: average the gradients (and the
+        # metrics) over devices so every replica applies the same update
+        grads = jax.lax.pmean(grads, "batch")
+        metrics = jax.lax.pmean(metrics, "batch")
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        metrics["lr"] = schedule(step)
+        return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
+                "step": step + 1}, metrics
+
+    p_step = jax.pmap(train_step, axis_name="batch", devices=devices, donate_argnums=(0,))
+    rep_state = replicate(state, n_dev)
+    rep_consts = replicate(consts, n_dev)
+    rep_rng = replicate(rng, n_dev)
+    last_ckpt = start if args.resume else None  # step of the last checkpoint written (all finite)
+
+    def fetch(step):
+        return shard(host_batch(args, step, setup["resolution"], setup["text_encoder"]), n_dev)
+
+    metrics_file = open(os.path.join(args.workdir, "metrics.jsonl"), "a") if is_main else None
+    pool = ThreadPoolExecutor(max_workers=1)    # renders the next batch while the device trains
+    future = pool.submit(fetch, start)
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not is_main,
+               dynamic_ncols=True)
+    t_last, n_images = time.time(), 0
+    for step in bar:
+        batch = future.result()
+        if step + 1 < args.steps:
+            future = pool.submit(fetch, step + 1)
+        if step == start and is_main:
+            tqdm.write("compiling the train step (the first step takes a while)...")
+        t0 = time.time()
+        rep_state, metrics = p_step(rep_state, rep_consts, batch, rep_rng)
+        metrics = {k: float(v[0]) for k, v in jax.device_get(metrics).items()}
+        if step == start and is_main:
+            tqdm.write(f"compiled and ran the first step in {time.time() - t0:.1f}s")
+            t_last, n_images = time.time(), 0
+        else:
+            n_images += args.batch_size
+        if not np.isfinite(metrics["loss"]):
+            kept = f"the last good checkpoint is {ckpt_path} (step {last_ckpt})" if last_ckpt is not None \
+                else "no checkpoint was written yet"
+            fail(f"loss is {metrics['loss']} at step {step}; stopping, {kept}")
+        done = step + 1
+        ips = n_images / max(time.time() - t_last, 1e-9)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", img_s=f"{ips:.1f}")
+        if is_main and (done % args.log_every == 0 or done == args.steps):
+            metrics_file.write(json.dumps({"step": done, **metrics, "images_per_sec": ips}) + "\n")
+            metrics_file.flush()
+        if done % args.ckpt_every == 0 or done == args.steps:
+            if is_main:
+                save_checkpoint(args.workdir, unreplicate(jax.device_get(rep_state)), consts, config, rng)
+            last_ckpt = done
+        if is_main and args.sample_every and (done % args.sample_every == 0 or done == args.steps):
+            os.makedirs(os.path.join(args.workdir, "samples"), exist_ok=True)
+            setup["sample_grid"](unreplicate(rep_state)["params"], consts,
+                                 os.path.join(args.workdir, "samples", f"{done:06d}.png"))
+    bar.close()
+    pool.shutdown()
+    if metrics_file:
+        metrics_file.close()
+    return unreplicate(jax.device_get(rep_state))
+
+
+def truncate_metrics(workdir, step):
+    """On resume, drop logged steps past the checkpoint: they will be logged again."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            lines = [l for l in f if l.strip() and json.loads(l)["step"] <= step]
+        with open(path, "w") as f:
+            f.writelines(lines)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):                   # one line and exit code 2, no usage dump
+        fail(f"{self.prog}: {message}", code=2)
+
+
+def parse_args(argv=None):
+    p = Parser(prog="train.py", description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("stage", choices=["vqgan", "base"], help="which model to train")
+    p.add_argument("--data", default="shapes", choices=["shapes"], help="training data (shapes: built-in, SHAPES.md)")
+    p.add_argument("--workdir", required=True, help="folder for checkpoint, metrics and samples")
+    p.add_argument("--steps", type=int, default=1000, help="total training steps (including resumed ones)")
+    p.add_argument("--batch_size", type=int, default=64, help="global batch, split over all devices")
+    p.add_argument("--seed", type=int, default=0, help="seeds the data, the init and the masking")
+    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --workdir")
+    p.add_argument("--preset", default=None, help="model preset: vqgan.PRESETS or muse.PRESETS (default: shapes)")
+    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
+    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
+    p.add_argument("--decay_steps", type=int, default=None, help="cosine decay horizon (default: --steps)")
+    p.add_argument("--weight_decay", type=float, default=0.045, help="AdamW weight decay (Muse: 0.045)")
+    p.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this")
+    p.add_argument("--vqgan", default=None, help="base: workdir of the trained tokenizer")
+    p.add_argument("--text_encoder", default=None,
+                   help="base: transformers T5 folder or hub name (default: offline ByT5 tokenizer + small random T5)")
+    p.add_argument("--text_length", type=int, default=64, help="prompt length in tokens (padded / truncated)")
+    p.add_argument("--adv_weight", type=float, default=None, help="vqgan: adversarial weight (paper: 0.1; default: preset)")
+    p.add_argument("--disc_start", type=int, default=1000, help="vqgan: step at which the adversarial loss starts")
+    p.add_argument("--log_every", type=int, default=10, help="write metrics.jsonl every N steps")
+    p.add_argument("--ckpt_every", type=int, default=500, help="write the checkpoint every N steps")
+    p.add_argument("--sample_every", type=int, default=500, help="write a sample grid every N steps (0: never)")
+    p.add_argument("--num_devices", type=int, default=None, help="use the first N local devices (default: all)")
+    p.add_argument("--multihost", action="store_true", help="call jax.distributed.initialize() (TPU pods)")
+    args = p.parse_args(argv)
+    if args.decay_steps is None:
+        args.decay_steps = args.steps
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.multihost:
+        jax.distributed.initialize()
+    return train(args)
+
+
+if __name__ == "__main__":
+    main()
