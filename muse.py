@@ -206,7 +206,7 @@ def random_t5(cfg: T5Config = T5Config(), seed: int = 0, max_length: int = 64):
     that the transformer's cross-attention learns to read.
     """
     ids = jnp.zeros((1, max_length), jnp.int32)
-    params = T5Encoder(cfg).init(jax.random.PRNGKey(seed), ids, ids > 0)["params"]
+    params = jax.jit(T5Encoder(cfg).init)(jax.random.PRNGKey(seed), ids, ids > 0)["params"]
     return TextEncoder(cfg, params, byte_tokenizer(), max_length)
 
 

@@ -3,7 +3,7 @@
 Muse's claims about what its text conditioning buys (colour binding, cardinality,
 spatial relations) need captions whose truth can be checked on the image. This file
 draws such pairs with no download: a caption from one of five templates, the objects it
-describes, and a flat-colour rendering. `/work/shared/SHAPES.md` is the contract (palette,
+describes, and a flat-colour rendering. The project's SHAPES.md (summarised in README.md) is the contract (palette,
 sizes, templates, geometric rules) that the evaluation's image checker relies on; this
 file implements it and must not drift from it.
 
@@ -203,7 +203,8 @@ def render(objects: list[dict], resolution: int) -> np.ndarray:
 
 
 def shapes_batch(
-    seed: int, step: int, batch_size: int, resolution: int, start: int = 0, stop: int | None = None
+    seed: int, step: int, batch_size: int, resolution: int, start: int = 0, stop: int | None = None,
+    num_examples: int = 0,
 ) -> tuple[np.ndarray, list[str]]:
     """Rows [start, stop) of the global batch for training step `step`.
 
@@ -211,6 +212,10 @@ def shapes_batch(
     its own generator seeded with (seed, step, i), so the batch is a pure function of
     (seed, step) (a resumed run sees the same data) and any slice equals the same rows of
     the full batch without rendering the rest (each host renders only its own rows).
+
+    num_examples > 0 makes the world finite: row i of step k is scene number
+    (k * batch_size + i) mod num_examples, seeded with (seed, scene), so consecutive steps
+    walk through the same scenes in epochs (used to show that a model can overfit).
     """
     stop = batch_size if stop is None else stop
     if not 0 <= start <= stop <= batch_size:
@@ -218,7 +223,8 @@ def shapes_batch(
     images = np.empty((stop - start, resolution, resolution, 3), dtype=np.uint8)
     captions = []
     for row, i in enumerate(range(start, stop)):
-        caption, objects = sample_scene(np.random.default_rng((seed, step, i)))
+        key = (seed, (step * batch_size + i) % num_examples) if num_examples else (seed, step, i)
+        caption, objects = sample_scene(np.random.default_rng(key))
         images[row] = render(objects, resolution)
         captions.append(caption)
     return images, captions

@@ -41,7 +41,7 @@ from tqdm import tqdm
 import muse
 import shapes
 import vqgan
-from sample import read_checkpoint, generate, save_grid, fail
+from sample import read_checkpoint, generate, save_grid, fail   # (sample.py also sets a PRNG flag)
 
 CHECKPOINT = "checkpoint.msgpack"
 SAMPLE_PROMPTS = ["a red circle", "a large blue square", "a green triangle on the left",
@@ -61,7 +61,8 @@ def host_batch(args, step, resolution, text_encoder=None):
     """
     b = args.batch_size // jax.process_count()
     start = jax.process_index() * b
-    images, captions = shapes.shapes_batch(args.seed, step, args.batch_size, resolution, start, start + b)
+    images, captions = shapes.shapes_batch(args.seed, step, args.batch_size, resolution, start, start + b,
+                                           num_examples=args.num_examples)
     batch = {"images": images.astype(np.float32) / 127.5 - 1.0}
     if text_encoder is not None:
         batch["text_ids"], batch["text_mask"] = text_encoder.tokenize(captions)
@@ -224,7 +225,7 @@ def new_run(args):
 
 # Flags that define the optimisation trajectory: stored in the checkpoint and restored by
 # --resume, so a resumed run continues exactly (only --steps and the logging flags may change).
-RESUMED_ARGS = ("batch_size", "seed", "lr", "warmup", "decay_steps", "weight_decay", "grad_clip",
+RESUMED_ARGS = ("batch_size", "seed", "num_examples", "lr", "warmup", "decay_steps", "weight_decay", "grad_clip",
                 "disc_start", "preset")
 
 
@@ -282,7 +283,7 @@ def train(args):
     tx, schedule = make_optimizer(args)
 
     rng = jax.random.PRNGKey(args.seed)
-    params = setup["init"](jax.random.fold_in(rng, 0))
+    params = jax.jit(setup["init"])(jax.random.fold_in(rng, 0))   # one compile, not one per layer
     # the step lives on the device (int32, as the step function returns it: a different
     # dtype on the first call would compile the step twice)
     state = {"params": params, "opt_state": tx.init(params), "step": np.int32(0)}
@@ -342,6 +343,7 @@ def train(args):
         else:
             n_images += args.batch_size
         if not np.isfinite(metrics["loss"]):
+            bar.close()
             kept = f"the last good checkpoint is {ckpt_path} (step {last_ckpt})" if last_ckpt is not None \
                 else "no checkpoint was written yet"
             fail(f"loss is {metrics['loss']} at step {step}; stopping, {kept}")
@@ -390,6 +392,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=1000, help="total training steps (including resumed ones)")
     p.add_argument("--batch_size", type=int, default=64, help="global batch, split over all devices")
     p.add_argument("--seed", type=int, default=0, help="seeds the data, the init and the masking")
+    p.add_argument("--num_examples", type=int, default=0,
+                   help="shapes: a finite training set of N scenes (0: a new scene every time)")
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in --workdir")
     p.add_argument("--preset", default=None, help="model preset: vqgan.PRESETS or muse.PRESETS (default: shapes)")
     p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")

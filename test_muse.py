@@ -1,0 +1,621 @@
+"""Tests for the whole project: tiny configs, invariants, parity, real training steps.
+
+    python -m pytest -q test_muse.py          # a few minutes on 2 CPU cores
+
+What is checked: the shapes world keeps to its contract; every module's shapes; the
+straight-through gradient; T5 parity with transformers' PyTorch T5EncoderModel (ReLU and
+gated-GELU, with padding; skipped without torch); the masking distribution; the decoding
+schedule and its invariants (each token revealed once, known tokens kept, counts as
+scheduled); guidance 0 = the conditional model; pmap on 4 devices = 1 device; checkpoint
+round trip and exact resume; tiny overfits of both stages; NaN guard; CLI behaviour.
+"""
+import os
+
+# Four fake CPU devices for the data-parallel tests; must be set before jax is imported.
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+
+import json
+import re
+import tempfile
+import subprocess
+import sys
+from dataclasses import replace
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from PIL import Image
+
+import muse
+import sample
+import shapes
+import train
+import vqgan
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# Many tests train the same tiny programs; XLA's persistent cache compiles each only once.
+jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "muse_test_jax_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
+# =============================================================================
+# shapes.py: the built-in data set keeps to its contract (SHAPES.md)
+# =============================================================================
+
+COLOR = "(red|yellow|green|cyan|blue|purple)"
+SHAPE = "(circle|square|triangle)"
+GRAMMAR = {  # template number -> full-caption regex
+    1: rf"a {COLOR} {SHAPE}",
+    2: rf"a (small|large) {COLOR} {SHAPE}",
+    3: rf"a {COLOR} {SHAPE} (on the left|on the right|at the top|at the bottom|in the center)",
+    4: rf"a {COLOR} {SHAPE} (to the left of|to the right of|above|below) a {COLOR} {SHAPE}",
+    5: rf"(two|three) {COLOR} {SHAPE}s",
+}
+
+
+def _scenes(n=300, seed=0):
+    rng = np.random.default_rng(seed)
+    return [shapes.sample_scene(rng) for _ in range(n)]
+
+
+def _template_of(caption):
+    matches = [t for t, pattern in GRAMMAR.items() if re.fullmatch(pattern, caption)]
+    assert len(matches) == 1, (caption, matches)
+    return matches[0]
+
+
+def test_palette_and_vocabulary():
+    assert shapes.PALETTE == {
+        "red": (220, 40, 40),
+        "yellow": (230, 200, 30),
+        "green": (40, 170, 60),
+        "cyan": (30, 190, 200),
+        "blue": (40, 70, 220),
+        "purple": (160, 50, 200),
+    }
+    assert list(shapes.PALETTE) == ["red", "yellow", "green", "cyan", "blue", "purple"]
+    assert shapes.SHAPES == ("circle", "square", "triangle")
+    assert shapes.SIZES == {"small": 0.18, "large": 0.36, None: 0.26}
+    assert shapes.COUNTS == {"two": 2, "three": 3}
+
+
+def test_captions_follow_the_five_templates():
+    seen = {_template_of(caption) for caption, _ in _scenes()}
+    assert seen == {1, 2, 3, 4, 5}
+    rng = np.random.default_rng(1)
+    for t in GRAMMAR:
+        for _ in range(20):
+            caption, _ = shapes.sample_scene(rng, template=t)
+            assert re.fullmatch(GRAMMAR[t], caption), (t, caption)
+            assert caption == caption.lower() and "  " not in caption
+            assert type(caption) is str
+
+
+def test_scenes_satisfy_the_contract():
+    for caption, objects in _scenes():
+        t = _template_of(caption)
+        words = re.fullmatch(GRAMMAR[t], caption).groups()
+        for o in objects:  # inside the border, size near its nominal value
+            half = o["size"] / 2
+            assert 0.04 <= o["cx"] - half and o["cx"] + half <= 0.96, (caption, o)
+            assert 0.04 <= o["cy"] - half and o["cy"] + half <= 0.96, (caption, o)
+            nominal = shapes.SIZES[words[0] if t == 2 else None]
+            assert 0.9 * nominal - 1e-9 <= o["size"] <= 1.1 * nominal + 1e-9, (caption, o)
+        for i, a in enumerate(objects):  # bounding boxes at least 0.04 apart
+            for b in objects[i + 1 :]:
+                reach = (a["size"] + b["size"]) / 2 + 0.04
+                assert abs(a["cx"] - b["cx"]) >= reach or abs(a["cy"] - b["cy"]) >= reach
+
+        if t in (1, 2, 3):
+            (o,) = objects
+            color, shape = words[-3:-1] if t == 3 else words[-2:]
+            assert (o["color"], o["shape"]) == (color, shape)
+        if t == 3:
+            x, y = objects[0]["cx"], objects[0]["cy"]
+            rule = {
+                "on the left": x < 1 / 3,
+                "on the right": x > 2 / 3,
+                "at the top": y < 1 / 3,
+                "at the bottom": y > 2 / 3,
+                "in the center": 1 / 3 <= x <= 2 / 3 and 1 / 3 <= y <= 2 / 3,
+            }
+            assert rule[words[2]], (caption, objects)
+        if t == 4:
+            color1, shape1, relation, color2, shape2 = words
+            a, b = objects
+            assert (a["color"], a["shape"], b["color"], b["shape"]) == (color1, shape1, color2, shape2)
+            assert color1 != color2
+            dx, dy = b["cx"] - a["cx"], b["cy"] - a["cy"]  # y grows downward
+            rule = {
+                "to the left of": dx >= 0.2 and abs(dx) > abs(dy),
+                "to the right of": -dx >= 0.2 and abs(dx) > abs(dy),
+                "above": dy >= 0.2 and abs(dy) > abs(dx),
+                "below": -dy >= 0.2 and abs(dy) > abs(dx),
+            }
+            assert rule[relation], (caption, objects)
+        if t == 5:
+            count, color, shape = words
+            assert len(objects) == shapes.COUNTS[count]
+            assert {(o["color"], o["shape"], o["size"]) for o in objects} == {(color, shape, objects[0]["size"])}
+        else:
+            assert len(objects) == (2 if t == 4 else 1)
+
+
+def test_render_is_white_plus_exact_palette_shapes():
+    allowed = np.array([(255, 255, 255), *shapes.PALETTE.values()], np.uint8)  # (7, 3)
+    for S in (32, 64):
+        for _, objects in _scenes(n=100, seed=S):
+            image = shapes.render(objects, S)
+            assert image.shape == (S, S, 3) and image.dtype == np.uint8
+            covered = np.zeros((S, S), bool)
+            for o in objects:
+                # The contract's bounding box on the pixel grid (right/bottom exclusive).
+                x0, x1 = round((o["cx"] - o["size"] / 2) * S), round((o["cx"] + o["size"] / 2) * S)
+                y0, y1 = round((o["cy"] - o["size"] / 2) * S), round((o["cy"] + o["size"] / 2) * S)
+                patch = image[y0:y1, x0:x1]
+                mine = (patch == shapes.PALETTE[o["color"]]).all(-1)
+                white = (patch == 255).all(-1)
+                assert (mine | white).all()  # boxes are disjoint: nothing else inside
+                # The shape spans its whole box, so a checker reads back the right size.
+                assert mine.any(0).all() and mine.any(1).all()
+                assert mine.sum() >= 9  # visible even when small at S=32
+                covered[y0:y1, x0:x1] = True
+            assert (image[~covered] == 255).all()  # white outside every object
+            # Every pixel is white or exactly a palette colour: no blending, no noise.
+            assert (image[:, :, None, :] == allowed).all(-1).any(-1).all()
+
+
+def test_shape_fill_ratios():
+    # What the checker uses to tell shapes apart: fill of the bounding box.
+    S = 64
+    for shape, lo, hi in (("square", 0.99, 1.0), ("circle", 0.7, 0.88), ("triangle", 0.4, 0.65)):
+        obj = dict(shape=shape, color="blue", cx=0.5, cy=0.5, size=0.26)
+        mask = (shapes.render([obj], S) != 255).any(-1)
+        ys, xs = np.nonzero(mask)
+        fill = mask.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
+        assert lo <= fill <= hi, (shape, fill)
+
+
+def test_shapes_batch_is_deterministic_and_sliceable():
+    images, captions = shapes.shapes_batch(seed=3, step=7, batch_size=8, resolution=32)
+    assert images.shape == (8, 32, 32, 3) and images.dtype == np.uint8 and len(captions) == 8
+    again, captions_again = shapes.shapes_batch(seed=3, step=7, batch_size=8, resolution=32)
+    np.testing.assert_array_equal(images, again)
+    assert captions == captions_again
+    part, part_captions = shapes.shapes_batch(seed=3, step=7, batch_size=8, resolution=32, start=3, stop=6)
+    np.testing.assert_array_equal(part, images[3:6])
+    assert part_captions == captions[3:6]
+    _, other_step = shapes.shapes_batch(seed=3, step=8, batch_size=8, resolution=32)
+    _, other_seed = shapes.shapes_batch(seed=4, step=7, batch_size=8, resolution=32)
+    assert other_step != captions and other_seed != captions
+
+
+# =============================================================================
+# vqgan.py
+# =============================================================================
+
+def _tiny_vqgan(adv_weight=0.0):
+    cfg = replace(vqgan.PRESETS["tiny"], adv_weight=adv_weight)
+    model, disc = vqgan.VQGAN(cfg), vqgan.PatchDiscriminator(cfg)
+    x = jax.random.uniform(jax.random.PRNGKey(0), (2, cfg.resolution, cfg.resolution, 3), minval=-1, maxval=1)
+    params = jax.jit(model.init)(jax.random.PRNGKey(1), x)["params"]
+    disc_params = jax.jit(disc.init)(jax.random.PRNGKey(2), x)["params"]
+    return cfg, model, disc, params, disc_params, x
+
+
+def test_vqgan_shapes_and_api():
+    cfg, model, disc, params, disc_params, x = _tiny_vqgan()
+    assert cfg.downsample == 4 and cfg.grid == 4
+    ids = model.apply({"params": params}, x, method="encode")
+    assert ids.shape == (2, cfg.grid, cfg.grid) and ids.dtype == jnp.int32
+    assert int(ids.min()) >= 0 and int(ids.max()) < cfg.codebook_size
+    out = model.apply({"params": params}, ids, method="decode")
+    assert out.shape == x.shape
+    recon, ids2, cb, commit = model.apply({"params": params}, x)
+    assert recon.shape == x.shape and cb.shape == commit.shape == (2,)
+    np.testing.assert_array_equal(ids, ids2)
+    # decode(ids) is exactly the forward pass's reconstruction (straight-through = z_q forward)
+    np.testing.assert_allclose(out, recon, atol=1e-5)
+    assert disc.apply({"params": disc_params}, x).shape == (2, 4, 4)
+    stats = vqgan.codebook_stats(ids, cfg.codebook_size)
+    assert 0 < float(stats["usage"]) <= 1 and 1 <= float(stats["perplexity"]) <= cfg.codebook_size
+
+
+def test_straight_through_gradient_reaches_the_encoder():
+    cfg, model, disc, params, disc_params, x = _tiny_vqgan(adv_weight=0.1)
+
+    def rec_only(p):          # the reconstruction term alone: its only path to the encoder is straight-through
+        return vqgan.vqgan_losses(model, disc, p, disc_params, x, use_adv=True)["rec_loss"].mean()
+
+    g = jax.jit(jax.grad(rec_only))(params)
+    enc_norm = optax.tree.norm(g["encoder"])
+    assert float(enc_norm) > 0
+    # and the reconstruction loss does not train the codebook (only the codebook loss does)
+    assert float(optax.tree.norm(g["quantizer"])) == 0.0
+
+    def gen_loss(p, dp):
+        out = vqgan.vqgan_losses(model, disc, p, dp, x, use_adv=True)
+        return out["g_loss"].mean()
+
+    def disc_loss(p, dp):
+        out = vqgan.vqgan_losses(model, disc, p, dp, x, use_adv=True)
+        return out["d_loss"].mean()
+
+    # each network gets the gradient of its own objective only (train.py sums the two)
+    assert float(optax.tree.norm(jax.jit(jax.grad(gen_loss, argnums=1))(params, disc_params))) == 0.0
+    assert float(optax.tree.norm(jax.jit(jax.grad(disc_loss, argnums=0))(params, disc_params))) == 0.0
+    assert float(optax.tree.norm(jax.jit(jax.grad(disc_loss, argnums=1))(params, disc_params))) > 0
+
+
+# =============================================================================
+# muse.py: the T5 text encoder
+# =============================================================================
+
+def _torch():
+    return pytest.importorskip("torch")
+
+
+@pytest.mark.parametrize("ff", ["relu", "gated-gelu"])
+def test_t5_matches_transformers(tmp_path, ff):
+    """load_t5 on a tiny random transformers checkpoint gives T5EncoderModel's outputs,
+    with padding (prompts of different lengths) and on the empty prompt."""
+    torch = _torch()
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+    torch.manual_seed(0)
+    hf = T5EncoderModel(T5Config(vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=3, num_heads=4,
+                                 feed_forward_proj=ff, relative_attention_num_buckets=8,
+                                 relative_attention_max_distance=20)).eval()
+    hf.save_pretrained(tmp_path)
+    ByT5Tokenizer().save_pretrained(tmp_path)
+    enc = muse.load_t5(str(tmp_path), max_length=48)
+    assert enc.cfg.feed_forward_proj == ff and enc.cfg.num_layers == 3
+    prompts = ["a yellow circle to the right of a purple triangle, far away", "hi", ""]
+    ids, mask = enc.tokenize(prompts)
+    assert mask.sum(1).tolist()[1:] == [3, 1]          # "hi" + </s>; "" is just </s>
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids, dtype=torch.long),
+                 attention_mask=torch.tensor(mask, dtype=torch.long)).last_hidden_state.numpy()
+    emb, emb_mask = enc(prompts)
+    assert emb.shape == (3, 48, 32) and emb.dtype == jnp.float32
+    np.testing.assert_array_equal(emb_mask, mask)
+    np.testing.assert_allclose(np.asarray(emb), ref, atol=2e-5, rtol=1e-4)
+
+
+def test_relative_position_buckets_match_transformers():
+    torch = _torch()
+    from transformers.models.t5.modeling_t5 import T5Attention
+    L = 300
+    rel = torch.arange(L)[None, :] - torch.arange(L)[:, None]
+    for buckets, dist in [(32, 128), (8, 20)]:
+        ref = T5Attention._relative_position_bucket(rel, bidirectional=True, num_buckets=buckets,
+                                                    max_distance=dist).numpy()
+        np.testing.assert_array_equal(muse.relative_position_bucket(L, buckets, dist), ref)
+
+
+def test_random_t5_default_encoder():
+    enc = muse.random_t5(max_length=32)
+    emb, mask = enc(["a red circle", "a red square", ""])
+    assert emb.shape == (3, 32, enc.cfg.d_model) and mask.shape == (3, 32)
+    assert np.isfinite(np.asarray(emb)).all()
+    # different prompts, different embeddings; the same prompt, the same embedding
+    assert float(jnp.abs(emb[0] - emb[1]).max()) > 1e-3
+    np.testing.assert_allclose(enc(["a red circle"])[0][0], emb[0], atol=1e-5)
+
+
+# =============================================================================
+# muse.py: masked transformer, masking objective
+# =============================================================================
+
+def _tiny_muse(batch=3, L=8):
+    cfg = muse.PRESETS["tiny"]
+    model = muse.MaskedTransformer(cfg)
+    r = jax.random.PRNGKey(0)
+    ctx = jax.random.normal(r, (batch, L, cfg.text_dim))
+    ctx_mask = jnp.arange(L)[None, :] < jnp.array([L, 3, 1])[:batch, None]      # some padding
+    ids = jax.random.randint(r, (batch, cfg.num_tokens), 0, cfg.codebook_size + 1)
+    params = model.init(r, ids, ctx, ctx_mask)["params"]
+    return cfg, model, params, ids, ctx, ctx_mask
+
+
+def test_masked_transformer_shapes_and_text_padding():
+    cfg, model, params, ids, ctx, ctx_mask = _tiny_muse()
+    logits = model.apply({"params": params}, ids, ctx, ctx_mask)
+    assert logits.shape == (3, cfg.num_tokens, cfg.codebook_size)
+    # padded text positions are invisible: changing them changes nothing
+    ctx2 = jnp.where(ctx_mask[..., None], ctx, 123.0)
+    np.testing.assert_allclose(model.apply({"params": params}, ids, ctx2, ctx_mask), logits, atol=1e-5)
+    # ... while real text positions matter
+    ctx3 = ctx.at[:, 0].add(1.0)
+    assert float(jnp.abs(model.apply({"params": params}, ids, ctx3, ctx_mask) - logits).max()) > 1e-4
+
+
+def test_random_mask_rate_follows_the_cosine_distribution():
+    N = 64
+    masks = jax.vmap(muse.random_mask, in_axes=(0, None))(jax.random.split(jax.random.PRNGKey(0), 4000), N)
+    counts = np.asarray(masks.sum(1))
+    assert counts.min() >= 1 and counts.max() <= N
+    # r = cos(pi/2 u): E[r] = 2/pi, and P(r > 0.5) = P(u < 2/3) = 2/3
+    rate = counts / N
+    assert abs(rate.mean() - 2 / np.pi) < 0.02
+    assert abs((rate > 0.5 + 1 / N).mean() - 2 / 3) < 0.03
+
+
+def test_loss_only_counts_masked_tokens():
+    cfg, model, params, ids, ctx, ctx_mask = _tiny_muse()
+    ids = ids % cfg.codebook_size
+    empty = jnp.zeros_like(ctx[0]), jnp.zeros_like(ctx_mask[0]).at[0].set(True)
+    rngs = jax.random.split(jax.random.PRNGKey(3), 3)
+    loss, acc = muse.masked_token_loss(model, params, ids, ctx, ctx_mask, *empty, rngs)
+    assert loss.shape == acc.shape == (3,)
+    # the same masks as the loss drew (same keys), so we know which tokens were masked
+    keys = jax.vmap(lambda k: jax.random.split(k, 2))(rngs)
+    mask = jax.vmap(muse.random_mask, in_axes=(0, None))(keys[:, 0], cfg.num_tokens)
+    # an unmasked token is visible to the model, so it cannot be a target: recompute with
+    # the logits by hand and check the loss ignores unmasked positions
+    drop = jax.vmap(lambda k: jax.random.bernoulli(k, cfg.cond_drop))(keys[:, 1])
+    t = jnp.where(drop[:, None, None], empty[0][None], ctx)
+    tm = jnp.where(drop[:, None], empty[1][None], ctx_mask)
+    logits = model.apply({"params": params}, jnp.where(mask, cfg.mask_id, ids), t, tm)
+    labels = optax.smooth_labels(jax.nn.one_hot(ids, cfg.codebook_size), cfg.label_smoothing)
+    ce = optax.softmax_cross_entropy(logits, labels)
+    expected = (ce * mask).sum(1) / mask.sum(1)
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+
+
+# =============================================================================
+# muse.py: the schedule and parallel decoding
+# =============================================================================
+
+def _run_schedule(n0, steps):
+    """Iterate mask_schedule as decode does: masked count after each step."""
+    n, out = n0, []
+    for t in range(steps):
+        n = int(muse.mask_schedule(jnp.array([n0]), t, steps, jnp.array([n]))[0])
+        out.append(n)
+    return out
+
+
+@pytest.mark.parametrize("n0,steps", [(256, 24), (64, 12), (64, 1), (5, 12), (1, 8), (4096, 8), (0, 4)])
+def test_schedule_monotone_with_right_endpoints(n0, steps):
+    counts = _run_schedule(n0, steps)
+    assert counts[-1] == 0                                    # everything revealed at the end
+    before = [n0] + counts[:-1]
+    for b, a in zip(before, counts):
+        assert a <= b and (a < b or b == 0)                   # >= 1 revealed while anything is masked
+    # follows the cosine curve where that curve allows one reveal per step
+    for t, a in enumerate(counts):
+        assert a <= np.floor(n0 * np.cos(np.pi / 2 * (t + 1) / steps)) or a == 0
+
+
+def _decode_setup(batch=2):
+    cfg, model, params, _, ctx, ctx_mask = _tiny_muse(batch=batch)
+    uncond = jnp.zeros_like(ctx)
+    umask = jnp.zeros_like(ctx_mask).at[:, 0].set(True)
+    return cfg, model, params, ctx, ctx_mask, uncond, umask
+
+
+def test_decode_reveals_each_token_once_and_follows_the_schedule():
+    cfg, model, params, ctx, ctx_mask, uncond, umask = _decode_setup()
+    steps = 6
+    ids, history = muse.decode_jit(model, params, ctx, ctx_mask, uncond, umask, jax.random.PRNGKey(0),
+                                   steps=steps, guidance=2.0)
+    history = np.asarray(history)                             # (T, B, N)
+    assert history.shape == (steps, 2, cfg.num_tokens)
+    np.testing.assert_array_equal(history[-1], ids)
+    assert (history[-1] != cfg.mask_id).all() and (history[-1] < cfg.codebook_size).all()
+    masked = history == cfg.mask_id
+    # the number still masked after each step is the schedule's
+    np.testing.assert_array_equal(masked.sum(-1)[:, 0], _run_schedule(cfg.num_tokens, steps))
+    # a token, once revealed, never changes and is never re-masked
+    for t in range(1, steps):
+        known = ~masked[t - 1]
+        assert (history[t][known] == history[t - 1][known]).all()
+
+
+def test_decode_never_changes_known_tokens():
+    cfg, model, params, ctx, ctx_mask, uncond, umask = _decode_setup()
+    rng = np.random.default_rng(0)
+    init = rng.integers(0, cfg.codebook_size, (2, cfg.num_tokens)).astype(np.int32)
+    hole = rng.random((2, cfg.num_tokens)) < 0.4
+    init[hole] = cfg.mask_id
+    steps = 5
+    ids, history = muse.decode_jit(model, params, ctx, ctx_mask, uncond, umask, jax.random.PRNGKey(1),
+                                   init_ids=jnp.asarray(init), steps=steps)
+    ids = np.asarray(ids)
+    np.testing.assert_array_equal(ids[~hole], init[~hole])
+    assert (ids != cfg.mask_id).all()
+    # the schedule counts from N0 = the number of masked tokens, per example
+    for b in range(2):
+        np.testing.assert_array_equal((np.asarray(history)[:, b] == cfg.mask_id).sum(-1),
+                                      _run_schedule(int(hole[b].sum()), steps))
+
+
+def test_guidance_zero_is_the_conditional_model():
+    cfg, model, params, ctx, ctx_mask, uncond, umask = _decode_setup()
+    ids = jnp.full((2, cfg.num_tokens), cfg.mask_id, jnp.int32)
+    cond = model.apply({"params": params}, ids, ctx, ctx_mask)
+    np.testing.assert_allclose(muse.guided_logits(model, params, ids, ctx, ctx_mask, uncond, umask, 0.0),
+                               cond, atol=1e-5)
+    guided = muse.guided_logits(model, params, ids, ctx, ctx_mask, uncond, umask, 3.0)
+    assert float(jnp.abs(guided - cond).max()) > 1e-3
+    # so decoding with guidance 0 does not depend on the unconditional (or negative) prompt
+    a, _ = muse.decode_jit(model, params, ctx, ctx_mask, uncond, umask, jax.random.PRNGKey(2), steps=4, guidance=0.0)
+    b, _ = muse.decode_jit(model, params, ctx, ctx_mask, ctx[::-1], ctx_mask[::-1], jax.random.PRNGKey(2),
+                           steps=4, guidance=0.0)
+    np.testing.assert_array_equal(a, b)
+
+
+# =============================================================================
+# train.py: pmap training, checkpoints, resume, overfitting; sample.py: the CLI
+# =============================================================================
+
+TINY = ["--preset", "tiny", "--batch_size", "8", "--warmup", "2", "--log_every", "1", "--sample_every", "0"]
+
+
+def _train(workdir, stage, *extra):
+    return train.main([stage, "--workdir", str(workdir), *TINY, *extra])
+
+
+def _metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def tiny_vqgan(tmp_path_factory):
+    """A tiny tokenizer trained for a few steps (the base stage needs one)."""
+    d = tmp_path_factory.mktemp("vq")
+    _train(d, "vqgan", "--steps", "6", "--sample_every", "6")
+    return d
+
+
+def test_vqgan_stage_writes_metrics_checkpoint_and_samples(tiny_vqgan):
+    rows = _metrics(tiny_vqgan)
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    for key in ("loss", "lr", "images_per_sec", "rec_loss", "perplexity", "codebook_usage"):
+        assert all(np.isfinite(r[key]) for r in rows), key
+    ckpt = sample.read_checkpoint(str(tiny_vqgan))
+    assert ckpt["config"]["stage"] == "vqgan" and int(ckpt["step"]) == 6
+    assert set(ckpt["params"]) == {"vqgan", "disc"} and "opt_state" in ckpt
+    assert os.path.exists(os.path.join(tiny_vqgan, "samples", "000006.png"))
+    assert not os.path.exists(os.path.join(tiny_vqgan, "checkpoint.msgpack.tmp"))
+
+
+def test_pmap_on_4_devices_equals_1_device(tmp_path, tiny_vqgan):
+    assert jax.local_device_count() == 4, "test_muse.py sets XLA_FLAGS for 4 fake CPU devices"
+    one = _train(tmp_path / "one", "base", "--vqgan", str(tiny_vqgan), "--steps", "4", "--num_devices", "1")
+    four = _train(tmp_path / "four", "base", "--vqgan", str(tiny_vqgan), "--steps", "4", "--num_devices", "4")
+    l1 = [r["loss"] for r in _metrics(tmp_path / "one")]
+    l4 = [r["loss"] for r in _metrics(tmp_path / "four")]
+    assert len(l1) == 4 and l1[0] != l1[-1]
+    np.testing.assert_allclose(l4, l1, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(one["params"]), jax.tree.leaves(four["params"])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_checkpoint_round_trip_and_exact_resume(tmp_path, tiny_vqgan):
+    base = ["--vqgan", str(tiny_vqgan), "--decay_steps", "10"]
+    straight = _train(tmp_path / "a", "base", *base, "--steps", "10")
+    _train(tmp_path / "b", "base", *base, "--steps", "5")
+    ckpt = sample.read_checkpoint(str(tmp_path / "b"))
+    assert int(ckpt["step"]) == 5 and ckpt["config"]["train"]["decay_steps"] == 10
+    # the saved params are the ones the run ended with... and the resumed run ends where the straight one did
+    resumed = _train(tmp_path / "b", "base", "--vqgan", str(tiny_vqgan), "--steps", "10", "--resume")
+    a, b = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
+    assert [r["step"] for r in b] == list(range(1, 11))
+    np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-6)
+    for x, y in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+    final = sample.read_checkpoint(str(tmp_path / "b"))
+    for x, y in zip(jax.tree.leaves(final["params"]), jax.tree.leaves(resumed["params"])):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_base_model_overfits_a_handful_of_captions(tmp_path, tiny_vqgan):
+    _train(tmp_path, "base", "--vqgan", str(tiny_vqgan), "--steps", "150", "--num_examples", "4",
+           "--lr", "3e-3", "--warmup", "10", "--weight_decay", "0")
+    rows = _metrics(tmp_path)
+    first = np.mean([r["loss"] for r in rows[:5]])
+    last = np.mean([r["loss"] for r in rows[-10:]])
+    # from ~ln(64) = 4.2 nats; label smoothing 0.1 keeps the floor around 0.5
+    assert last < 0.35 * first, (first, last)
+    assert np.mean([r["masked_acc"] for r in rows[-10:]]) > 0.85
+
+
+def test_vqgan_overfits_a_handful_of_images(tmp_path):
+    _train(tmp_path, "vqgan", "--steps", "150", "--num_examples", "4", "--lr", "3e-3", "--warmup", "10",
+           "--weight_decay", "0")
+    rows = _metrics(tmp_path)
+    first = np.mean([r["rec_loss"] for r in rows[:5]])
+    last = np.mean([r["rec_loss"] for r in rows[-10:]])
+    assert last < 0.25 * first, (first, last)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    real = train.host_batch
+
+    def poisoned(args, step, resolution, text_encoder=None):
+        batch = real(args, step, resolution, text_encoder)
+        if step >= 3:                                          # the 4th step sees a NaN pixel
+            batch["images"][0, 0, 0, 0] = np.nan
+        return batch
+
+    monkeypatch.setattr(train, "host_batch", poisoned)
+    with pytest.raises(SystemExit) as e:
+        _train(tmp_path, "vqgan", "--steps", "6", "--ckpt_every", "2")
+    assert e.value.code == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "loss is nan at step 3" in err[0] and "(step 2)" in err[0], err
+    assert int(sample.read_checkpoint(str(tmp_path))["step"]) == 2
+
+
+def test_sample_cli_writes_images(tmp_path, tiny_vqgan):
+    ck = tmp_path / "base"
+    _train(ck, "base", "--vqgan", str(tiny_vqgan), "--steps", "2")
+    sample.main(["a red circle", "--checkpoint", str(ck), "--out", str(tmp_path / "grid.png"),
+                 "--num", "4", "--steps", "3"])
+    S = vqgan.PRESETS["tiny"].resolution
+    assert Image.open(tmp_path / "grid.png").size == (2 * S, 2 * S)
+    (tmp_path / "p.txt").write_text("a red circle\n\nthree blue squares\na green triangle on the left\n")
+    sample.main(["--prompts-file", str(tmp_path / "p.txt"), "--outdir", str(tmp_path / "o"),
+                 "--checkpoint", str(ck), "--steps", "3", "--batch_size", "2", "--negative", "a red circle"])
+    assert sorted(os.listdir(tmp_path / "o")) == ["000.png", "001.png", "002.png"]
+    assert Image.open(tmp_path / "o" / "002.png").size == (S, S)
+
+
+def test_sample_benchmark_reports_its_figures():
+    out = sample.benchmark("tiny", batch=2, steps=3, repeats=1)
+    for key in ("images_per_sec", "ms_per_step", "ms_per_forward", "steps", "loop_overhead", "compile_s"):
+        assert key in out and np.isfinite(out[key]), key
+    assert out["steps"] == 3 and out["ms_per_step"] > 0
+
+
+@pytest.mark.parametrize("argv,code,message", [
+    (["a red circle", "--checkpoint", "/nonexistent"], 1, "no checkpoint at /nonexistent"),
+    (["   "], 2, "the prompt is empty"),
+    (["a red circle", "--bogus"], 2, "unrecognized arguments: --bogus"),
+    (["--prompts-file", "x.txt"], 2, "--prompts-file needs --outdir"),
+])
+def test_sample_cli_errors(argv, code, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        sample.main(argv)
+    assert e.value.code == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_sample_rejects_a_tokenizer_checkpoint(tiny_vqgan, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        sample.main(["a red circle", "--checkpoint", str(tiny_vqgan)])
+    assert e.value.code == 1 and "needs a base one" in capsys.readouterr().err
+    (tmp_path / "checkpoint.msgpack").write_bytes(b"\x00 not msgpack at all")
+    with pytest.raises(SystemExit) as e:
+        sample.main(["a red circle", "--checkpoint", str(tmp_path)])
+    assert e.value.code == 1 and "not a readable checkpoint" in capsys.readouterr().err
+
+
+def test_train_cli_errors(tmp_path, capsys):
+    cases = [
+        (["base", "--workdir", str(tmp_path / "x")], "needs a trained tokenizer: pass --vqgan"),
+        (["vqgan", "--workdir", str(tmp_path / "y"), "--resume"], "--resume: no checkpoint"),
+        (["vqgan", "--workdir", str(tmp_path), "--batch_size", "6", "--num_devices", "4"], "multiple of the device count"),
+        (["gan", "--workdir", str(tmp_path)], "invalid choice: 'gan'"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as e:
+            train.main(argv)
+        assert e.value.code in (1, 2)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (argv, err)
+
+
+def test_cli_error_has_no_traceback(tmp_path):
+    """Run as a user would: one line on stderr, exit code 2."""
+    env = dict(os.environ, XLA_FLAGS="")
+    r = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), "--steps", "x"],
+                       capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr, r.stderr
