@@ -224,6 +224,17 @@ def test_vqgan_shapes_and_api():
     assert 0 < float(stats["usage"]) <= 1 and 1 <= float(stats["perplexity"]) <= cfg.codebook_size
 
 
+def test_conv3x3_matches_lax_convolution():
+    """The CPU im2col path computes the same 'same' convolution as lax."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 5, 4))
+    conv = vqgan.Conv3x3(7)
+    params = conv.init(jax.random.PRNGKey(1), x)["params"]
+    params = dict(params, bias=jax.random.normal(jax.random.PRNGKey(2), (7,)))
+    ref = jax.lax.conv_general_dilated(x, params["kernel"], (1, 1), "SAME",
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC")) + params["bias"]
+    np.testing.assert_allclose(conv.apply({"params": params}, x), ref, rtol=1e-5, atol=1e-5)
+
+
 def test_straight_through_gradient_reaches_the_encoder():
     cfg, model, disc, params, disc_params, x = _tiny_vqgan(adv_weight=0.1)
 
