@@ -256,6 +256,11 @@ class MuseConfig:
     text_dim: int = 64             # Dt: width of the T5 embeddings, projected to D
     label_smoothing: float = 0.1   # on the masked-token cross-entropy
     cond_drop: float = 0.1         # fraction of examples trained on the empty prompt (§2.4.1)
+    # super-resolution (§2.3): a model with lowres_grid > 0 is also conditioned on the
+    # low-resolution token grid of the base model's tokenizer
+    lowres_grid: int = 0           # side of the low-res token grid (0: a base model)
+    lowres_codebook_size: int = 0  # K of the low-res tokenizer
+    lowres_depth: int = 2          # self-attention layers over the low-res tokens
 
     @property
     def mask_id(self) -> int:
@@ -295,30 +300,46 @@ class Block(nn.Module):
     cfg: MuseConfig
 
     @nn.compact
-    def __call__(self, x, ctx, ctx_mask):        # x (B, N, D), ctx (B, L, D), ctx_mask (B, L)
+    def __call__(self, x, ctx=None, ctx_mask=None):  # x (B, N, D), ctx (B, L, D), ctx_mask (B, L)
         c = self.cfg
         h = nn.LayerNorm(name="norm_self")(x)
         x = x + Attention(c.heads, c.head_dim, name="self_attn")(h, h)
-        # every image token reads the prompt; padding tokens of the prompt are masked out
-        x = x + Attention(c.heads, c.head_dim, name="cross_attn")(nn.LayerNorm(name="norm_cross")(x), ctx, ctx_mask)
+        if ctx is not None:                      # (the super-res model's low-res encoder has no context)
+            # every image token reads the prompt; padding tokens of the prompt are masked out
+            x = x + Attention(c.heads, c.head_dim, name="cross_attn")(nn.LayerNorm(name="norm_cross")(x),
+                                                                      ctx, ctx_mask)
         h = nn.Dense(c.mlp_ratio * c.width, name="mlp_in")(nn.LayerNorm(name="norm_mlp")(x))
         return x + nn.Dense(c.width, name="mlp_out")(nn.gelu(h))                         # (B, N, D)
 
 
 class MaskedTransformer(nn.Module):
-    """ids (some = [MASK]) + text -> logits over the K codes at every position (§2.2)."""
+    """ids (some = [MASK]) + text -> logits over the K codes at every position (§2.2).
+
+    The super-resolution model (§2.3, Fig. 4) is the same transformer with one more input:
+    the low-res token ids, embedded and run through a few self-attention layers, whose
+    output is concatenated with the projected text to form the cross-attention context.
+    """
     cfg: MuseConfig
 
     @nn.compact
-    def __call__(self, ids, text_emb, text_mask):  # ids (B, N), text_emb (B, L, Dt), text_mask (B, L)
+    def __call__(self, ids, text_emb, text_mask, lowres_ids=None):
+        # ids (B, N), text_emb (B, L, Dt), text_mask (B, L), lowres_ids (B, Nlo) for super-res
         c = self.cfg
         init = nn.initializers.normal(0.02)
         x = nn.Embed(c.codebook_size + 1, c.width, embedding_init=init, name="tok_emb")(ids)   # (B, N, D)
         x = x + self.param("pos_emb", init, (c.num_tokens, c.width))                          # learned positions
         # the paper projects the T5 embeddings to the transformer's width (§2.2)
         ctx = nn.Dense(c.width, name="text_proj")(text_emb)                                  # (B, L, D)
+        ctx_mask = text_mask
+        if c.lowres_grid:
+            lo = nn.Embed(c.lowres_codebook_size, c.width, embedding_init=init, name="lowres_emb")(lowres_ids)
+            lo = lo + self.param("lowres_pos_emb", init, (c.lowres_grid ** 2, c.width))       # (B, Nlo, D)
+            for i in range(c.lowres_depth):
+                lo = Block(c, name=f"lowres_block_{i}")(lo)
+            ctx = jnp.concatenate([ctx, nn.LayerNorm(name="lowres_norm")(lo)], axis=1)       # (B, L + Nlo, D)
+            ctx_mask = jnp.concatenate([text_mask, jnp.ones(lo.shape[:2], bool)], axis=1)
         for i in range(c.depth):
-            x = Block(c, name=f"block_{i}")(x, ctx, text_mask)
+            x = Block(c, name=f"block_{i}")(x, ctx, ctx_mask)
         x = nn.LayerNorm(name="norm_out")(x)
         return nn.Dense(c.codebook_size, name="head")(x)                                     # (B, N, K)
 
@@ -341,7 +362,7 @@ def random_mask(rng, num_tokens):
     return rank < n_masked
 
 
-def masked_token_loss(model, params, ids, text_emb, text_mask, empty_emb, empty_mask, rngs):
+def masked_token_loss(model, params, ids, text_emb, text_mask, empty_emb, empty_mask, rngs, lowres_ids=None):
     """Per-example loss of the masked-token objective; returns (loss (B,), accuracy (B,)).
 
     ids int32 (B, N) are the VQGAN tokens; text_emb (B, L, Dt) / text_mask (B, L) the prompt;
@@ -350,7 +371,8 @@ def masked_token_loss(model, params, ids, text_emb, text_mask, empty_emb, empty_
     result does not depend on how the batch is split across devices).
 
     Each example's loss is the cross-entropy averaged over its masked tokens; the batch loss
-    is the mean over examples.
+    is the mean over examples. lowres_ids (B, Nlo): the super-res model's low-res tokens
+    (never dropped: only the text is).
     """
     c = model.cfg
     B, N = ids.shape
@@ -361,7 +383,8 @@ def masked_token_loss(model, params, ids, text_emb, text_mask, empty_emb, empty_
     text_emb = jnp.where(drop[:, None, None], empty_emb[None], text_emb)
     text_mask = jnp.where(drop[:, None], empty_mask[None], text_mask)
 
-    logits = model.apply({"params": params}, jnp.where(mask, c.mask_id, ids), text_emb, text_mask)  # (B, N, K)
+    logits = model.apply({"params": params}, jnp.where(mask, c.mask_id, ids), text_emb, text_mask,
+                         lowres_ids)                                                     # (B, N, K)
     targets = jax.nn.one_hot(ids, c.codebook_size)
     targets = targets * (1 - c.label_smoothing) + c.label_smoothing / c.codebook_size
     ce = -jnp.sum(targets * jax.nn.log_softmax(logits), axis=-1)                        # (B, N)
@@ -387,26 +410,30 @@ def mask_schedule(n0, t, steps, n_masked):
     return jnp.clip(jnp.minimum(target, n_masked - 1), 0, None)
 
 
-def guided_logits(model, params, ids, ctx, ctx_mask, uncond, uncond_mask, scale):
+def guided_logits(model, params, ids, ctx, ctx_mask, uncond, uncond_mask, scale, lowres_ids=None):
     """Classifier-free guidance (§2.4.1): (1 + s) * l_cond - s * l_uncond, logits (B, N, K).
 
     `uncond` is the empty prompt's embedding, or a negative prompt's: guidance then pushes
-    away from it. Both passes run as one forward over a doubled batch.
+    away from it. Both passes run as one forward over a doubled batch. The super-res
+    model's low-res tokens condition both passes: only the text differs.
     """
     B = ids.shape[0]
-    logits = model.apply({"params": params}, jnp.concatenate([ids, ids]),
-                         jnp.concatenate([ctx, uncond]), jnp.concatenate([ctx_mask, uncond_mask]))  # (2B, N, K)
+    twice = lambda a, b: jnp.concatenate([a, b])
+    logits = model.apply({"params": params}, twice(ids, ids), twice(ctx, uncond), twice(ctx_mask, uncond_mask),
+                         None if lowres_ids is None else twice(lowres_ids, lowres_ids))      # (2B, N, K)
     cond, uncond_logits = logits[:B], logits[B:]
     return (1 + scale) * cond - scale * uncond_logits
 
 
 def decode(model, params, ctx, ctx_mask, uncond, uncond_mask, rng, init_ids=None, steps=24,
-           guidance=3.0, temperature=1.0, choice_temperature=4.5):
+           guidance=3.0, temperature=1.0, choice_temperature=4.5, lowres_ids=None):
     """Parallel decoding: fill every [MASK] in `init_ids` in `steps` forward passes.
 
     ctx (B, L, Dt) / ctx_mask (B, L): the prompt's T5 embedding, encoded once by the caller.
     uncond / uncond_mask: same shapes, the empty or negative prompt.
     init_ids (B, N): known tokens plus [MASK]s; None means an all-[MASK] grid (generation).
+    Editing (§2.6) passes an image's tokens with the region to regenerate masked.
+    lowres_ids (B, Nlo): the low-res tokens a super-resolution model is conditioned on.
     Returns (ids (B, N), history (T, B, N)): the grid after each step, so tests can check
     that every token is revealed exactly once and that known tokens never change.
 
@@ -427,7 +454,8 @@ def decode(model, params, ctx, ctx_mask, uncond, uncond_mask, rng, init_ids=None
         ids, rng = carry
         rng, r_sample, r_gumbel = jax.random.split(rng, 3)
         ratio = (t + 1) / steps
-        logits = guided_logits(model, params, ids, ctx, ctx_mask, uncond, uncond_mask, guidance * ratio)
+        logits = guided_logits(model, params, ids, ctx, ctx_mask, uncond, uncond_mask, guidance * ratio,
+                               lowres_ids)
         logp = jax.nn.log_softmax(logits / jnp.maximum(temperature, 1e-6))               # (B, N, K)
         unknown = ids == c.mask_id                                                       # (B, N)
         sampled = jnp.where(unknown, jax.random.categorical(r_sample, logp), ids)        # (B, N)
@@ -445,3 +473,33 @@ def decode(model, params, ctx, ctx_mask, uncond, uncond_mask, rng, init_ids=None
 
 # one compiled program for the whole decoding loop; the model and the step count are static
 decode_jit = jax.jit(decode, static_argnames=("model", "steps"))
+
+
+def edit(model, params, ctx, ctx_mask, uncond, uncond_mask, rng, ids, iterations=100, fraction=0.08,
+         guidance=4.0, temperature=1.0, lowres_ids=None):
+    """Mask-free editing (§2.6.2): move an image's tokens towards a new prompt.
+
+    ids (B, N): the tokens of the image to edit. Each iteration masks a random `fraction` of
+    the tokens (paper: 8%) and resamples them, conditioned on the new prompt with guidance
+    (paper: scale 4, 100 iterations), in one parallel step; the rest of the image stays
+    as it is, so the edit keeps the layout while the prompt pulls the content.
+    Returns (ids (B, N), history (iterations, B, N)).
+    """
+    c = model.cfg
+    n_masked = max(1, math.ceil(fraction * ids.shape[1]))
+
+    def step(carry, _):
+        ids, rng = carry
+        rng, r_mask, r_decode = jax.random.split(rng, 3)
+        scores = jax.random.uniform(r_mask, ids.shape)                                      # (B, N)
+        remask = jnp.argsort(jnp.argsort(scores, axis=1), axis=1) < n_masked                # n_masked per row
+        ids, _ = decode(model, params, ctx, ctx_mask, uncond, uncond_mask, r_decode,
+                        init_ids=jnp.where(remask, c.mask_id, ids), steps=1, guidance=guidance,
+                        temperature=temperature, choice_temperature=0.0, lowres_ids=lowres_ids)
+        return (ids, rng), ids
+
+    (ids, _), history = jax.lax.scan(step, (ids.astype(jnp.int32), rng), None, length=iterations)
+    return ids, history
+
+
+edit_jit = jax.jit(edit, static_argnames=("model", "iterations", "fraction"))

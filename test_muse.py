@@ -548,8 +548,8 @@ def test_vqgan_overfits_a_handful_of_images(tmp_path):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     real = train.host_batch
 
-    def poisoned(args, step, resolution, text_encoder=None):
-        batch = real(args, step, resolution, text_encoder)
+    def poisoned(args, step, resolutions, text_encoder=None):
+        batch = real(args, step, resolutions, text_encoder)
         if step >= 3:                                          # the 4th step sees a NaN pixel
             batch["images"][0, 0, 0, 0] = np.nan
         return batch
@@ -563,9 +563,15 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     assert int(sample.read_checkpoint(str(tmp_path))["step"]) == 2
 
 
-def test_sample_cli_writes_images(tmp_path, tiny_vqgan):
-    ck = tmp_path / "base"
-    _train(ck, "base", "--vqgan", str(tiny_vqgan), "--steps", "2")
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory, tiny_vqgan):
+    d = tmp_path_factory.mktemp("base")
+    _train(d, "base", "--vqgan", str(tiny_vqgan), "--steps", "2")
+    return d
+
+
+def test_sample_cli_writes_images(tmp_path, tiny_base):
+    ck = tiny_base
     sample.main(["a red circle", "--checkpoint", str(ck), "--out", str(tmp_path / "grid.png"),
                  "--num", "4", "--steps", "3"])
     S = vqgan.PRESETS["tiny"].resolution
@@ -601,7 +607,7 @@ def test_sample_cli_errors(argv, code, message, capsys):
 def test_sample_rejects_a_tokenizer_checkpoint(tiny_vqgan, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         sample.main(["a red circle", "--checkpoint", str(tiny_vqgan)])
-    assert e.value.code == 1 and "needs a base one" in capsys.readouterr().err
+    assert e.value.code == 1 and "expected a base one" in capsys.readouterr().err
     (tmp_path / "checkpoint.msgpack").write_bytes(b"\x00 not msgpack at all")
     with pytest.raises(SystemExit) as e:
         sample.main(["a red circle", "--checkpoint", str(tmp_path)])
@@ -610,7 +616,7 @@ def test_sample_rejects_a_tokenizer_checkpoint(tiny_vqgan, capsys, tmp_path):
 
 def test_train_cli_errors(tmp_path, capsys):
     cases = [
-        (["base", "--workdir", str(tmp_path / "x")], "needs a trained tokenizer: pass --vqgan"),
+        (["base", "--workdir", str(tmp_path / "x")], "needs the base model's trained tokenizer: pass --vqgan"),
         (["vqgan", "--workdir", str(tmp_path / "y"), "--resume"], "--resume: no checkpoint"),
         (["vqgan", "--workdir", str(tmp_path), "--batch_size", "6", "--num_devices", "4"], "multiple of the device count"),
         (["gan", "--workdir", str(tmp_path)], "invalid choice: 'gan'"),
@@ -630,3 +636,148 @@ def test_cli_error_has_no_traceback(tmp_path):
                        capture_output=True, text=True, env=env, cwd=tmp_path)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr, r.stderr
+
+
+# =============================================================================
+# Super-resolution (§2.3) and zero-shot editing (§2.6)
+# =============================================================================
+
+def test_superres_transformer_shapes_and_lowres_conditioning():
+    cfg = replace(muse.PRESETS["tiny"], grid=8, lowres_grid=4, lowres_codebook_size=32)
+    model = muse.MaskedTransformer(cfg)
+    r = jax.random.PRNGKey(0)
+    ids = jnp.full((2, 64), cfg.mask_id, jnp.int32)
+    text, text_mask = jax.random.normal(r, (2, 5, cfg.text_dim)), jnp.ones((2, 5), bool)
+    lowres = jax.random.randint(r, (2, 16), 0, 32)
+    params = jax.jit(model.init)(r, ids, text, text_mask, lowres)["params"]
+    apply = jax.jit(model.apply)
+    logits = apply({"params": params}, ids, text, text_mask, lowres)
+    assert logits.shape == (2, 64, cfg.codebook_size)
+    other = apply({"params": params}, ids, text, text_mask, (lowres + 1) % 32)
+    assert float(jnp.abs(other - logits).max()) > 1e-4          # the low-res tokens are read
+    assert "lowres_block_0" in params and "cross_attn" not in params["lowres_block_0"]
+
+
+@pytest.fixture(scope="module")
+def tiny_vqgan_hr(tmp_path_factory):
+    d = tmp_path_factory.mktemp("vq_hr")
+    _train(d, "vqgan", "--steps", "3", "--preset", "tiny_hr")
+    return d
+
+
+@pytest.fixture(scope="module")
+def tiny_superres(tmp_path_factory, tiny_vqgan, tiny_vqgan_hr):
+    """A tiny super-res model (16 -> 32 px) overfitted on four scenes."""
+    d = tmp_path_factory.mktemp("sr")
+    _train(d, "superres", "--vqgan", str(tiny_vqgan), "--vqgan_hr", str(tiny_vqgan_hr), "--steps", "120",
+           "--num_examples", "4", "--lr", "3e-3", "--warmup", "10", "--weight_decay", "0", "--sample_every", "120")
+    return d
+
+
+def test_superres_stage_overfits_and_writes_samples(tiny_superres):
+    rows = _metrics(tiny_superres)
+    first = np.mean([r["loss"] for r in rows[:5]])
+    last = np.mean([r["loss"] for r in rows[-10:]])
+    assert last < 0.4 * first, (first, last)
+    ckpt = sample.read_checkpoint(str(tiny_superres))
+    assert ckpt["config"]["stage"] == "superres" and set(ckpt["consts"]) == {"vqgan", "vqgan_hr", "t5"}
+    assert ckpt["config"]["muse"]["lowres_grid"] == vqgan.PRESETS["tiny"].grid
+    assert os.path.exists(os.path.join(tiny_superres, "samples", "000120.png"))
+
+
+def test_token_mask_marks_every_cell_the_pixel_mask_touches():
+    m = np.zeros((16, 16), bool)
+    m[0, 0] = True                      # one pixel in cell (0, 0) of a 4 x 4 grid
+    m[8:12, 4:8] = True                 # exactly cell (2, 1)
+    t = sample.token_mask(m, 4)
+    expected = np.zeros((4, 4), bool)
+    expected[0, 0] = expected[2, 1] = True
+    np.testing.assert_array_equal(t, expected)
+
+
+@pytest.mark.parametrize("side", ["left", "right", "top", "bottom"])
+def test_outpainting_keeps_the_original_tokens_shifted(side):
+    g, n, M = 6, 2, 99
+    ids = np.arange(2 * g * g).reshape(2, g, g)
+    out, mask = sample.outpaint_tokens(ids, side, n, M)
+    assert mask.sum() == 2 * g * n and (out[mask] == M).all()
+    kept = {"right": (out[:, :, :g - n], ids[:, :, n:]), "left": (out[:, :, n:], ids[:, :, :g - n]),
+            "bottom": (out[:, :g - n], ids[:, n:]), "top": (out[:, n:], ids[:, :g - n])}[side]
+    np.testing.assert_array_equal(*kept)
+    new_area = {"right": mask[:, :, g - n:], "left": mask[:, :, :n], "bottom": mask[:, g - n:], "top": mask[:, :n]}
+    assert new_area[side].all()
+
+
+def _images(tmp_path, S=16):
+    img = np.full((S, S, 3), 255, np.uint8)
+    img[4:10, 3:9] = shapes.PALETTE["red"]
+    Image.fromarray(img).save(tmp_path / "init.png")
+    mask = np.zeros((S, S), np.uint8)
+    mask[8:16, 8:16] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    return tmp_path / "init.png", tmp_path / "mask.png"
+
+
+def test_inpainting_keeps_tokens_outside_the_mask_and_fills_the_inside(tmp_path, tiny_base):
+    init, mask = _images(tmp_path)
+    args = sample.parse_args(["a red square", "--init", str(init), "--mask", str(mask)])
+    base, sr = sample.load_pipeline(str(tiny_base))
+    (start, _) = sample.editing_init(args, base, sr)
+    c = base.model.cfg
+    hole = sample.token_mask(np.asarray(Image.open(mask)) > 127, c.grid).reshape(1, -1)
+    assert 0 < hole.sum() < c.num_tokens
+    original = sample.encode_image(base, sample.load_image(str(init), base.vq.cfg.resolution))
+    np.testing.assert_array_equal(start[~hole], original[~hole])
+    assert (start[hole] == c.mask_id).all()
+    ids = np.asarray(sample.generate_ids(base.model, base.params, base.text_encoder, ["a red square"],
+                                         steps=4, init_ids=jnp.asarray(start)))
+    np.testing.assert_array_equal(ids[~hole], original[~hole])
+    assert (ids[hole] != c.mask_id).all() and (ids < c.codebook_size).all()
+
+
+def test_mask_free_editing_changes_at_most_the_resampled_tokens():
+    cfg, model, params, ctx, ctx_mask, uncond, umask = _decode_setup()
+    start = jax.random.randint(jax.random.PRNGKey(5), (2, cfg.num_tokens), 0, cfg.codebook_size)
+    ids, history = muse.edit_jit(model, params, ctx, ctx_mask, uncond, umask, jax.random.PRNGKey(6), start,
+                                 iterations=12, fraction=0.2, guidance=4.0)
+    history = np.concatenate([np.asarray(start)[None], np.asarray(history)])    # (13, B, N)
+    per_iteration = (history[1:] != history[:-1]).sum(-1)                      # (12, B)
+    assert per_iteration.max() <= int(np.ceil(0.2 * cfg.num_tokens))
+    assert per_iteration.sum() > 0 and (history != cfg.mask_id).all()
+
+
+def test_editing_modes_end_to_end_through_superres(tmp_path, tiny_base, tiny_superres):
+    init, mask = _images(tmp_path)
+    pipe = tmp_path / "pipe"
+    pipe.mkdir()
+    os.symlink(tiny_base, pipe / "base")
+    os.symlink(tiny_superres, pipe / "superres")
+    common = ["--checkpoint", str(pipe), "--steps", "3", "--sr_steps", "2"]
+    S_hr = vqgan.PRESETS["tiny_hr"].resolution
+    for extra in (["--init", str(init), "--mask", str(mask)],
+                  ["--init", str(init), "--outpaint", "right", "--amount", "0.25"],
+                  ["--edit", str(init), "--edit-steps", "3"],
+                  []):
+        out = tmp_path / "out.png"
+        sample.main(["a red square", *common, *extra, "--out", str(out), "--lowres-out", str(tmp_path / "lo.png")])
+        assert Image.open(out).size == (S_hr, S_hr), extra
+        assert Image.open(tmp_path / "lo.png").size == (S_hr // 2, S_hr // 2)
+
+
+def test_bad_masks_get_a_clear_error(tmp_path, tiny_base, capsys):
+    init, mask = _images(tmp_path)
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "empty.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8) + 255).save(tmp_path / "small.png")
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    cases = [("empty.png", "has no white pixel"), ("small.png", "is 8x8 but --init"),
+             ("junk.png", "not a readable image")]
+    for name, message in cases:
+        with pytest.raises(SystemExit) as e:
+            sample.main(["a red square", "--checkpoint", str(tiny_base), "--init", str(init),
+                         "--mask", str(tmp_path / name), "--out", str(tmp_path / "o.png")])
+        assert e.value.code == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (name, err)
+    with pytest.raises(SystemExit) as e:
+        sample.main(["a red square", "--checkpoint", str(tiny_base), "--mask", str(mask)])
+    assert e.value.code == 2 and "--mask needs --init" in capsys.readouterr().err

@@ -1,13 +1,17 @@
-"""Train Muse's stages with data-parallel `jax.pmap`: the VQGAN tokenizer, then the base model.
+"""Train Muse's stages with data-parallel `jax.pmap`: the VQGAN tokenizers, the base model
+(§2.2) and the super-resolution model (§2.3).
 
-    python train.py vqgan --data shapes --workdir runs/vq   --steps 3000 --batch_size 64
-    python train.py base  --data shapes --workdir runs/base --steps 5000 --batch_size 64 --vqgan runs/vq
+    python train.py vqgan    --data shapes --workdir runs/vq    --steps 1500 --batch_size 16 --lr 1e-3
+    python train.py base     --data shapes --workdir runs/base  --steps 1500 --batch_size 32 --vqgan runs/vq
+    python train.py vqgan    --data shapes --workdir runs/vq64  --preset shapes_hr --lr 1e-3
+    python train.py superres --data shapes --workdir runs/sr    --vqgan runs/vq --vqgan_hr runs/vq64
 
 Runs on one CPU, on every local device of a GPU/TPU host, and on multi-host TPU pods (see
 "Multi-host" below). Each run writes into --workdir:
     checkpoint.msgpack   params, optimizer state, step, RNG and the full config (written atomically)
     metrics.jsonl        one JSON object per logged step: step, loss, lr, images_per_sec, ...
-    samples/NNNNNN.png   sample grids (vqgan: originals above reconstructions; base: prompts -> images)
+    samples/NNNNNN.png   sample grids (vqgan: originals above reconstructions; base: prompts -> images;
+                         superres: low-res tokens, their super-resolution, the high-res original)
 
 Data parallelism (as in Flax's imagenet example): the parameters are replicated on every
 device; the global batch of B examples is reshaped to (devices, B / devices, ...) so each
@@ -41,7 +45,7 @@ from tqdm import tqdm
 import muse
 import shapes
 import vqgan
-from sample import read_checkpoint, generate, save_grid, fail   # (sample.py also sets a PRNG flag)
+from sample import read_checkpoint, load_text_encoder, generate_ids, ids_to_images, save_grid, fail   # (sample.py also sets a PRNG flag)
 
 CHECKPOINT = "checkpoint.msgpack"
 SAMPLE_PROMPTS = ["a red circle", "a large blue square", "a green triangle on the left",
@@ -53,19 +57,25 @@ SAMPLE_PROMPTS = ["a red circle", "a large blue square", "a green triangle on th
 # Data: the built-in shapes world (shapes.py), a pure function of (seed, step)
 # -----------------------------------------------------------------------------
 
-def host_batch(args, step, resolution, text_encoder=None):
+def host_batch(args, step, resolutions, text_encoder=None, captions=False):
     """This process's rows of the global batch for `step`, as numpy arrays.
 
-    images float32 (b, S, S, 3) in [-1, 1]; with a text encoder also text_ids int32 (b, L)
-    and text_mask bool (b, L) (the prompts are tokenized here, encoded on the device).
+    images float32 (b, S, S, 3) in [-1, 1] at resolutions[0]; for super-resolution also
+    lowres_images (b, S_lo, S_lo, 3), the same scenes rendered at resolutions[1]; with a
+    text encoder also text_ids int32 (b, L) and text_mask bool (b, L) (the prompts are
+    tokenized here and encoded on the device).
     """
     b = args.batch_size // jax.process_count()
     start = jax.process_index() * b
-    images, captions = shapes.shapes_batch(args.seed, step, args.batch_size, resolution, start, start + b,
-                                           num_examples=args.num_examples)
-    batch = {"images": images.astype(np.float32) / 127.5 - 1.0}
+    batch = {}
+    for key, res in zip(("images", "lowres_images"), resolutions):
+        images, texts = shapes.shapes_batch(args.seed, step, args.batch_size, res, start, start + b,
+                                            num_examples=args.num_examples)
+        batch[key] = images.astype(np.float32) / 127.5 - 1.0
     if text_encoder is not None:
-        batch["text_ids"], batch["text_mask"] = text_encoder.tokenize(captions)
+        batch["text_ids"], batch["text_mask"] = text_encoder.tokenize(texts)
+    if captions:
+        batch["captions"] = texts
     return batch
 
 
@@ -140,87 +150,117 @@ def setup_vqgan(args, config):
         return loss, metrics
 
     def sample_grid(params, consts, path):
-        images = host_batch(args, 0, cfg.resolution)["images"][:8]
+        images = host_batch(args, 0, (cfg.resolution,))["images"][:8]
         recon = vqgan.decode_jit(model, params["vqgan"], vqgan.encode_jit(model, params["vqgan"], images))
         save_grid(np.concatenate([vqgan.to_uint8(images), vqgan.to_uint8(recon)]), path, cols=8)
 
     return {"init": init, "consts": {}, "loss_fn": loss_fn, "sample_grid": sample_grid,
-            "resolution": cfg.resolution, "text_encoder": None}
+            "resolutions": (cfg.resolution,), "text_encoder": None}
 
 
-def setup_base(args, config, consts):
-    """The base masked transformer on top of a trained (frozen) VQGAN and a frozen T5.
+def setup_transformer(args, config, consts):
+    """The base or the super-resolution masked transformer, over frozen tokenizers and T5.
 
-    consts: {"vqgan": tokenizer params, "t5": text encoder params}, both frozen.
+    base:     predicts the tokens of `vqgan` from the text.
+    superres: predicts the tokens of `vqgan_hr` (the high-res tokenizer) from the text and
+              the tokens of `vqgan` (the base model's low-res tokenizer), paper §2.3.
+    consts: the frozen params {"vqgan", "t5"} (+ "vqgan_hr" for superres).
     """
-    vq_cfg = vqgan.VQGANConfig(**config["vqgan"])
+    superres = config["stage"] == "superres"
+    lo_cfg = vqgan.VQGANConfig(**config["vqgan"])
+    out_cfg = vqgan.VQGANConfig(**config["vqgan_hr"]) if superres else lo_cfg   # the tokens predicted
     t5_cfg = muse.T5Config(**config["t5"])
     cfg = muse.MuseConfig(**config["muse"])
-    vq_model, t5, model = vqgan.VQGAN(vq_cfg), muse.T5Encoder(t5_cfg), muse.MaskedTransformer(cfg)
-    text_encoder = muse.TextEncoder(t5_cfg, consts["t5"], load_tokenizer(config, args.workdir),
-                                    config["text_length"])
+    lo_vq, out_vq = vqgan.VQGAN(lo_cfg), vqgan.VQGAN(out_cfg)
+    t5, model = muse.T5Encoder(t5_cfg), muse.MaskedTransformer(cfg)
+    out_key = "vqgan_hr" if superres else "vqgan"
+    text_encoder = load_text_encoder(config, consts["t5"], args.workdir)
     empty_emb, empty_mask = text_encoder([""])
     consts = dict(consts, empty_emb=np.asarray(empty_emb[0]), empty_mask=np.asarray(empty_mask[0]))
+    resolutions = (out_cfg.resolution, lo_cfg.resolution) if superres else (lo_cfg.resolution,)
 
     def init(rng):
         ids = jnp.zeros((1, cfg.num_tokens), jnp.int32)
         emb = jnp.zeros((1, config["text_length"], t5_cfg.d_model))
-        return model.init(rng, ids, emb, jnp.ones(emb.shape[:2], bool))["params"]
+        lowres = jnp.zeros((1, cfg.lowres_grid ** 2), jnp.int32) if superres else None
+        return model.init(rng, ids, emb, jnp.ones(emb.shape[:2], bool), lowres)["params"]
 
     def loss_fn(params, consts, batch, rng, step):
         # the frozen stages run inside the step, on the device: tokens and text embeddings
-        ids = vq_model.apply({"params": consts["vqgan"]}, batch["images"], method="encode")   # (b, h, w)
-        emb = t5.apply({"params": consts["t5"]}, batch["text_ids"], batch["text_mask"])       # (b, L, Dt)
-        b = ids.shape[0]
-        loss, acc = muse.masked_token_loss(model, params, ids.reshape(b, -1), emb, batch["text_mask"],
-                                           consts["empty_emb"], consts["empty_mask"],
-                                           example_keys(rng, step, b))
+        b = batch["images"].shape[0]
+        ids = out_vq.apply({"params": consts[out_key]}, batch["images"], method="encode").reshape(b, -1)  # (b, N)
+        lowres = None
+        if superres:
+            lowres = lo_vq.apply({"params": consts["vqgan"]}, batch["lowres_images"],
+                                 method="encode").reshape(b, -1)                                     # (b, Nlo)
+        emb = t5.apply({"params": consts["t5"]}, batch["text_ids"], batch["text_mask"])            # (b, L, Dt)
+        loss, acc = muse.masked_token_loss(model, params, ids, emb, batch["text_mask"], consts["empty_emb"],
+                                           consts["empty_mask"], example_keys(rng, step, b), lowres)
         return loss.mean(), {"loss": loss.mean(), "masked_acc": acc.mean()}
 
     def sample_grid(params, consts, path):
-        images = generate(model, params, vq_model, consts["vqgan"], text_encoder, SAMPLE_PROMPTS, seed=0)
-        save_grid(images, path, cols=4)
+        if not superres:
+            ids = generate_ids(model, params, text_encoder, SAMPLE_PROMPTS, seed=0)
+            save_grid(ids_to_images(out_vq, consts["vqgan"], ids), path, cols=4)
+            return
+        # super-res of real low-res tokens: rows = low-res reconstruction, super-res, original
+        batch = host_batch(args, 0, resolutions, text_encoder, captions=True)
+        lo_ids = vqgan.encode_jit(lo_vq, consts["vqgan"], batch["lowres_images"][:8]).reshape(8, -1)
+        ids = generate_ids(model, params, text_encoder, batch["captions"][:8], seed=0, steps=8, lowres_ids=lo_ids)
+        lo = ids_to_images(lo_vq, consts["vqgan"], lo_ids)
+        up = lo.repeat(out_cfg.resolution // lo_cfg.resolution, 1).repeat(out_cfg.resolution // lo_cfg.resolution, 2)
+        save_grid(np.concatenate([up, ids_to_images(out_vq, consts[out_key], ids),
+                                  vqgan.to_uint8(batch["images"][:8])]), path, cols=8)
 
     return {"init": init, "consts": consts, "loss_fn": loss_fn, "sample_grid": sample_grid,
-            "resolution": vq_cfg.resolution, "text_encoder": text_encoder}
-
-
-def load_tokenizer(config, workdir):
-    if config["tokenizer"] == "byt5":
-        return muse.byte_tokenizer()
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(os.path.join(workdir, "tokenizer"))
+            "resolutions": resolutions, "text_encoder": text_encoder}
 
 
 def new_run(args):
     """The full config of a new run (stored in its checkpoint: resume and sampling read it)
-    and its frozen arrays (`consts`: the base stage's tokenizer and text encoder)."""
+    and its frozen arrays (`consts`: the tokenizers and the text encoder)."""
     train_args = {k: getattr(args, k) for k in RESUMED_ARGS}
     if args.stage == "vqgan":
         cfg = vqgan.PRESETS[args.preset or "shapes"]
         if args.adv_weight is not None:
             cfg = replace(cfg, adv_weight=args.adv_weight)
         return {"stage": "vqgan", "vqgan": asdict(cfg), "train": train_args}, {}
-    if not args.vqgan:
-        fail("the base stage needs a trained tokenizer: pass --vqgan DIR (from `python train.py vqgan ...`)")
-    vq_ckpt = read_checkpoint(args.vqgan)
-    if vq_ckpt["config"]["stage"] != "vqgan":
-        fail(f"--vqgan {args.vqgan}: holds a {vq_ckpt['config']['stage']!r} checkpoint, not a vqgan one")
-    vq_cfg = vq_ckpt["config"]["vqgan"]
+    vq = read_tokenizer(args.vqgan, "--vqgan", f"the {args.stage} stage needs the base model's trained tokenizer")
+    config = {"stage": args.stage, "vqgan": vq["config"]["vqgan"], "text_length": args.text_length,
+              "train": train_args}
+    consts = {"vqgan": vq["params"]["vqgan"]}
+    lo = out = vqgan.VQGANConfig(**config["vqgan"])
+    if args.stage == "superres":
+        hr = read_tokenizer(args.vqgan_hr, "--vqgan_hr", "the superres stage needs a high-resolution tokenizer")
+        config["vqgan_hr"], consts["vqgan_hr"] = hr["config"]["vqgan"], hr["params"]["vqgan"]
+        out = vqgan.VQGANConfig(**config["vqgan_hr"])
+        if out.resolution <= lo.resolution:
+            fail(f"--vqgan_hr resolution {out.resolution} must exceed the --vqgan resolution {lo.resolution}")
     if args.text_encoder:                       # a pretrained transformers T5 (folder or hub name)
         enc = muse.load_t5(args.text_encoder, args.text_length)
         os.makedirs(args.workdir, exist_ok=True)
         enc.tokenizer.save_pretrained(os.path.join(args.workdir, "tokenizer"))
-        tokenizer = "tokenizer"
+        config["tokenizer"] = "tokenizer"
     else:                                       # offline default: byte-level ByT5 + small random T5
         enc = muse.random_t5(muse.T5Config(), seed=args.seed, max_length=args.text_length)
-        tokenizer = "byt5"
-    vq = vqgan.VQGANConfig(**vq_cfg)
-    cfg = replace(muse.PRESETS[args.preset or "shapes"], codebook_size=vq.codebook_size, grid=vq.grid,
+        config["tokenizer"] = "byt5"
+    config["t5"], consts["t5"] = asdict(enc.cfg), enc.params
+    cfg = replace(muse.PRESETS[args.preset or "shapes"], codebook_size=out.codebook_size, grid=out.grid,
                   text_dim=enc.cfg.d_model)
-    return {"stage": "base", "vqgan": vq_cfg, "t5": asdict(enc.cfg), "muse": asdict(cfg),
-            "tokenizer": tokenizer, "text_length": args.text_length, "train": train_args}, \
-        {"vqgan": vq_ckpt["params"]["vqgan"], "t5": enc.params}
+    if args.stage == "superres":
+        cfg = replace(cfg, lowres_grid=lo.grid, lowres_codebook_size=lo.codebook_size)
+    config["muse"] = asdict(cfg)
+    return config, consts
+
+
+def read_tokenizer(path, flag, why):
+    """A trained VQGAN checkpoint given by `flag`, or a one-line error."""
+    if not path:
+        fail(f"{why}: pass {flag} DIR (from `python train.py vqgan ...`)")
+    ckpt = read_checkpoint(path)
+    if ckpt["config"]["stage"] != "vqgan":
+        fail(f"{flag} {path}: holds a {ckpt['config']['stage']!r} checkpoint, not a vqgan one")
+    return ckpt
 
 
 # Flags that define the optimisation trajectory: stored in the checkpoint and restored by
@@ -238,7 +278,7 @@ def save_checkpoint(workdir, state, consts, config, rng):
     payload = jax.tree.map(np.asarray, {
         "step": state["step"], "rng": rng,
         "params": state["params"], "opt_state": serialization.to_state_dict(state["opt_state"]),
-        "consts": {k: consts[k] for k in ("vqgan", "t5") if k in consts}})
+        "consts": {k: consts[k] for k in ("vqgan", "vqgan_hr", "t5") if k in consts}})
     payload["config"] = json.dumps(config)
     path = os.path.join(workdir, CHECKPOINT)
     tmp = path + ".tmp"
@@ -278,7 +318,7 @@ def train(args):
         if os.path.exists(ckpt_path):
             fail(f"{ckpt_path} exists: pass --resume to continue it, or choose another --workdir")
         config, consts = new_run(args)
-    setup = setup_vqgan(args, config) if args.stage == "vqgan" else setup_base(args, config, consts)
+    setup = setup_vqgan(args, config) if args.stage == "vqgan" else setup_transformer(args, config, consts)
     consts = setup["consts"]
     tx, schedule = make_optimizer(args)
 
@@ -320,7 +360,7 @@ def train(args):
     last_ckpt = start if args.resume else None  # step of the last checkpoint written (all finite)
 
     def fetch(step):
-        return shard(host_batch(args, step, setup["resolution"], setup["text_encoder"]), n_dev)
+        return shard(host_batch(args, step, setup["resolutions"], setup["text_encoder"]), n_dev)
 
     metrics_file = open(os.path.join(args.workdir, "metrics.jsonl"), "a") if is_main else None
     pool = ThreadPoolExecutor(max_workers=1)    # renders the next batch while the device trains
@@ -386,7 +426,7 @@ class Parser(argparse.ArgumentParser):
 def parse_args(argv=None):
     p = Parser(prog="train.py", description=__doc__.split("\n\n")[0],
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("stage", choices=["vqgan", "base"], help="which model to train")
+    p.add_argument("stage", choices=["vqgan", "base", "superres"], help="which model to train")
     p.add_argument("--data", default="shapes", choices=["shapes"], help="training data (shapes: built-in, SHAPES.md)")
     p.add_argument("--workdir", required=True, help="folder for checkpoint, metrics and samples")
     p.add_argument("--steps", type=int, default=1000, help="total training steps (including resumed ones)")
@@ -401,7 +441,8 @@ def parse_args(argv=None):
     p.add_argument("--decay_steps", type=int, default=None, help="cosine decay horizon (default: --steps)")
     p.add_argument("--weight_decay", type=float, default=0.045, help="AdamW weight decay (Muse: 0.045)")
     p.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this")
-    p.add_argument("--vqgan", default=None, help="base: workdir of the trained tokenizer")
+    p.add_argument("--vqgan", default=None, help="base, superres: workdir of the base model's tokenizer")
+    p.add_argument("--vqgan_hr", default=None, help="superres: workdir of the high-resolution tokenizer")
     p.add_argument("--text_encoder", default=None,
                    help="base: transformers T5 folder or hub name (default: offline ByT5 tokenizer + small random T5)")
     p.add_argument("--text_length", type=int, default=64, help="prompt length in tokens (padded / truncated)")

@@ -46,6 +46,7 @@ class VQGANConfig:
     codebook_size: int = 512         # K: number of codes
     embed_dim: int = 64              # d: dimension of a code vector
     beta: float = 0.25               # commitment weight (VQ-VAE, van den Oord et al. 2017)
+    l2_codes: bool = True            # look codes up by cosine similarity (ViT-VQGAN): fewer dead codes
     recon_loss: str = "l1"           # "l1" or "l2"
     adv_weight: float = 0.0          # weight of the generator's adversarial loss (paper Table 5: 0.1); 0 = off
     disc_channels: int = 64          # width of the patch discriminator's first layer
@@ -67,9 +68,15 @@ PRESETS = {
     # a few seconds on a CPU; used by the tests
     "tiny": VQGANConfig(resolution=16, channels=16, ch_mult=(1, 2, 2), num_groups=8,
                         codebook_size=64, embed_dim=16, disc_channels=16, disc_layers=2),
+    # the same at twice the resolution: the high-res tokenizer of the super-res tests
+    "tiny_hr": VQGANConfig(resolution=32, channels=16, ch_mult=(1, 2, 2), num_groups=8,
+                           codebook_size=64, embed_dim=16, disc_channels=16, disc_layers=2),
     # the built-in shapes world at 32 px: f = 4, an 8 x 8 token grid
     "shapes": VQGANConfig(resolution=32, channels=32, ch_mult=(1, 2, 2), num_groups=8,
                           codebook_size=512, embed_dim=32),
+    # the shapes world at 64 px, f = 4: a 16 x 16 grid, the super-resolution model's target
+    "shapes_hr": VQGANConfig(resolution=64, channels=32, ch_mult=(1, 2, 2), num_groups=8,
+                             codebook_size=512, embed_dim=32),
     # the paper's base tokenizer: 256 px, f = 16, a 16 x 16 grid, 8192 codes (Muse §2.2)
     "f16_256": VQGANConfig(resolution=256, channels=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
                            codebook_size=8192, embed_dim=64, adv_weight=0.1, disc_channels=64),
@@ -155,23 +162,36 @@ class VectorQuantizer(nn.Module):
     the forward pass uses z_q while the backward pass copies the gradient of z_q onto z_e
     (`z_e + stop_gradient(z_q - z_e)`). Two extra losses train the codebook and keep the
     encoder close to it (VQ-VAE eq. 3): ||sg[z_e] - z_q||^2 + beta * ||z_e - sg[z_q]||^2.
+
+    With l2_codes, z_e and the codes are L2-normalised before the lookup (ViT-VQGAN, Yu et
+    al. 2022, §3.2): the nearest code is then the most similar in direction, no code can
+    be stranded far from the encoder's outputs, and many more codes stay in use.
     """
     codebook_size: int
     embed_dim: int
+    l2_codes: bool = True
 
     def setup(self):
-        self.codebook = self.param("codebook", nn.initializers.variance_scaling(1.0, "fan_in", "uniform"),
-                                   (self.codebook_size, self.embed_dim))          # (K, d)
+        self.raw_codebook = self.param("codebook", nn.initializers.variance_scaling(1.0, "fan_in", "uniform"),
+                                       (self.codebook_size, self.embed_dim))      # (K, d)
+
+    def normalize(self, z):
+        return z * jax.lax.rsqrt(jnp.sum(z ** 2, axis=-1, keepdims=True) + 1e-12) if self.l2_codes else z
+
+    @property
+    def codebook(self):                                          # (K, d)
+        return self.normalize(self.raw_codebook)
 
     def nearest(self, z):                                        # z: (..., d) -> int32 ids (...)
         # ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2; the ||z||^2 term does not change the argmin
-        dist = -2 * z @ self.codebook.T + jnp.sum(self.codebook ** 2, axis=-1)  # (..., K)
+        dist = -2 * self.normalize(z) @ self.codebook.T + jnp.sum(self.codebook ** 2, axis=-1)  # (..., K)
         return jnp.argmin(dist, axis=-1).astype(jnp.int32)
 
     def embed(self, ids):                                        # (...) -> (..., d)
         return jnp.take(self.codebook, ids, axis=0)
 
     def __call__(self, z_e):                                     # (B, h, w, d)
+        z_e = self.normalize(z_e)
         ids = self.nearest(z_e)                                  # (B, h, w)
         z_q = self.embed(ids)                                    # (B, h, w, d)
         codebook_loss = jnp.mean((jax.lax.stop_gradient(z_e) - z_q) ** 2, axis=(1, 2, 3))      # (B,)
@@ -185,7 +205,7 @@ class VQGAN(nn.Module):
 
     def setup(self):
         self.encoder = Encoder(self.cfg)
-        self.quantizer = VectorQuantizer(self.cfg.codebook_size, self.cfg.embed_dim)
+        self.quantizer = VectorQuantizer(self.cfg.codebook_size, self.cfg.embed_dim, self.cfg.l2_codes)
         self.decoder = Decoder(self.cfg)
 
     def __call__(self, images):
