@@ -30,7 +30,6 @@ run on a single machine, so it is untested here.
 import argparse
 import json
 import os
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
