@@ -230,7 +230,7 @@ def benchmark(preset, batch=8, steps=24, text_length=32, repeats=5):
     ctx = jax.random.normal(rng, (batch, text_length, cfg.text_dim))
     mask = jnp.ones((batch, text_length), bool)
     ids = jnp.full((batch, cfg.num_tokens), cfg.mask_id, jnp.int32)
-    params = model.init(rng, ids, ctx, mask)["params"]
+    params = jax.jit(model.init)(rng, ids, ctx, mask)["params"]
 
     def timed(fn):
         t0 = time.perf_counter()

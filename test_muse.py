@@ -220,8 +220,10 @@ def test_vqgan_shapes_and_api():
     # decode(ids) is exactly the forward pass's reconstruction (straight-through = z_q forward)
     np.testing.assert_allclose(out, recon, atol=1e-5)
     assert disc.apply({"params": disc_params}, x).shape == (2, 4, 4)
-    stats = vqgan.codebook_stats(ids, cfg.codebook_size)
+    stats = vqgan.codebook_stats(jnp.bincount(ids.reshape(-1), length=cfg.codebook_size))
     assert 0 < float(stats["usage"]) <= 1 and 1 <= float(stats["perplexity"]) <= cfg.codebook_size
+    uniform = vqgan.codebook_stats(jnp.array([5, 5, 0, 5, 0, 0, 5, 0]))     # 4 of 8 codes, equally often
+    assert float(uniform["usage"]) == 0.5 and abs(float(uniform["perplexity"]) - 4.0) < 1e-5
 
 
 def test_conv3x3_matches_lax_convolution():

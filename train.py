@@ -44,7 +44,8 @@ from tqdm import tqdm
 import muse
 import shapes
 import vqgan
-from sample import read_checkpoint, load_text_encoder, generate_ids, ids_to_images, save_grid, fail   # (sample.py also sets a PRNG flag)
+from sample import (read_checkpoint, load_text_encoder, generate_ids, ids_to_images, save_grid, fail,
+                    Parser)   # (sample.py also sets a PRNG flag)
 
 CHECKPOINT = "checkpoint.msgpack"
 SAMPLE_PROMPTS = ["a red circle", "a large blue square", "a green triangle on the left",
@@ -141,11 +142,10 @@ def setup_vqgan(args, config):
         loss = out["g_loss"].mean() + out["d_loss"].mean()
         # usage statistics over the global batch: psum the code counts of every device
         counts = jax.lax.psum(jnp.bincount(out["ids"].reshape(-1), length=cfg.codebook_size), "batch")
-        p = counts / counts.sum()
+        stats = vqgan.codebook_stats(counts)
         metrics = {"loss": out["g_loss"].mean(), "rec_loss": out["rec_loss"].mean(),
                    "d_loss": out["d_loss"].mean(), "commit_loss": out["commit_loss"].mean(),
-                   "codebook_usage": jnp.mean(counts > 0),
-                   "perplexity": jnp.exp(-jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.maximum(p, 1e-30)), 0.0)))}
+                   "codebook_usage": stats["usage"], "perplexity": stats["perplexity"]}
         return loss, metrics
 
     def sample_grid(params, consts, path):
@@ -415,11 +415,6 @@ def truncate_metrics(workdir, step):
             lines = [l for l in f if l.strip() and json.loads(l)["step"] <= step]
         with open(path, "w") as f:
             f.writelines(lines)
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):                   # one line and exit code 2, no usage dump
-        fail(f"{self.prog}: {message}", code=2)
 
 
 def parse_args(argv=None):

@@ -267,12 +267,12 @@ def vqgan_losses(model, disc, params, disc_params, images, use_adv):
                 commit_loss=commit_loss, ids=ids, recon=recon)
 
 
-def codebook_stats(ids, codebook_size):
-    """Usage (fraction of codes used) and perplexity (exp of the code entropy) of a batch of ids.
+def codebook_stats(counts):
+    """Usage (fraction of codes used) and perplexity (exp of the code entropy), from the
+    number of times each code was picked: counts (K,) = bincount(ids, length=K).
 
     A perplexity far below K means codebook collapse: few codes carry all the images.
     """
-    counts = jnp.bincount(ids.reshape(-1), length=codebook_size)                 # (K,)
     p = counts / jnp.maximum(counts.sum(), 1)
     perplexity = jnp.exp(-jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0)))
     return dict(usage=jnp.mean(counts > 0), perplexity=perplexity)
