@@ -783,3 +783,12 @@ def test_bad_masks_get_a_clear_error(tmp_path, tiny_base, capsys):
     with pytest.raises(SystemExit) as e:
         sample.main(["a red square", "--checkpoint", str(tiny_base), "--mask", str(mask)])
     assert e.value.code == 2 and "--mask needs --init" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", [sample, train])
+def test_help_lists_the_flags(module, capsys):
+    with pytest.raises(SystemExit) as e:
+        module.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--checkpoint" in out if module is sample else "--resume" in out
