@@ -88,6 +88,16 @@ class Stage:
     text_encoder: muse.TextEncoder
 
 
+def encode_prompts(text_encoder, prompts, negative=None):
+    """The conditional and the unconditional context of a batch, each (B, L, Dt) + mask (B, L).
+
+    The unconditional pass reads the empty prompt, or the negative prompt in its place.
+    """
+    ctx, ctx_mask = text_encoder(prompts)
+    uncond, uncond_mask = text_encoder([negative or ""] * len(prompts))
+    return ctx, ctx_mask, uncond, uncond_mask
+
+
 def generate_ids(model, params, text_encoder, prompts, seed=0, steps=24, guidance=3.0, temperature=1.0,
                  choice_temperature=4.5, negative=None, init_ids=None, lowres_ids=None):
     """Prompts -> token ids (B, N) by parallel decoding. The prompts are encoded once per call.
@@ -95,10 +105,8 @@ def generate_ids(model, params, text_encoder, prompts, seed=0, steps=24, guidanc
     init_ids (B, N) with [MASK]s: editing (only the masked tokens are generated);
     lowres_ids (B, Nlo): the low-res tokens a super-resolution model is conditioned on.
     """
-    B = len(prompts)
-    ctx, ctx_mask = text_encoder(prompts)                                  # (B, L, Dt), (B, L)
-    uncond, uncond_mask = text_encoder([negative or ""] * B)               # empty or negative prompt
-    ids, _ = muse.decode_jit(model, params, ctx, ctx_mask, uncond, uncond_mask, jax.random.PRNGKey(seed),
+    contexts = encode_prompts(text_encoder, prompts, negative)             # encoded once, not per step
+    ids, _ = muse.decode_jit(model, params, *contexts, jax.random.PRNGKey(seed),
                              init_ids=init_ids, steps=steps, guidance=guidance, temperature=temperature,
                              choice_temperature=choice_temperature, lowres_ids=lowres_ids)    # (B, N)
     return ids
@@ -158,24 +166,31 @@ def load_pipeline(path, superres=None):
 # Editing without fine-tuning (§2.6): inpainting, outpainting, mask-free editing
 # -----------------------------------------------------------------------------
 
+def centre_square(a):
+    """The central square of an (H, W, ...) array: how an --init image and its mask are cropped."""
+    h, w = a.shape[:2]
+    side = min(h, w)
+    return a[(h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
+
+
 def load_image(path, resolution, what="--init"):
     """An image file -> float32 (S, S, 3) in [-1, 1], centre-cropped to a square and resized."""
     try:
         img = Image.open(path).convert("RGB")
     except (OSError, ValueError) as e:
         fail(f"{what} {path}: not a readable image ({e})")
-    w, h = img.size
-    side = min(w, h)
-    img = img.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
-    img = img.resize((resolution, resolution), Image.BICUBIC)
+    img = Image.fromarray(centre_square(np.asarray(img))).resize((resolution, resolution), Image.BICUBIC)
     return np.asarray(img, np.float32) / 127.5 - 1.0
 
 
 def load_mask(path, image_path):
     """A mask PNG (white = regenerate) -> bool (H, W), as large as the --init image."""
     try:
-        mask = Image.open(path).convert("L")
         size = Image.open(image_path).size
+    except (OSError, ValueError) as e:
+        fail(f"--init {image_path}: not a readable image ({e})")
+    try:
+        mask = Image.open(path).convert("L")
     except (OSError, ValueError) as e:
         fail(f"--mask {path}: not a readable image ({e})")
     if mask.size != size:
@@ -183,10 +198,7 @@ def load_mask(path, image_path):
     mask = np.asarray(mask) > 127
     if not mask.any():
         fail(f"--mask {path} has no white pixel: nothing to regenerate")
-    # the same centre crop as load_image
-    h, w = mask.shape
-    side = min(w, h)
-    return mask[(h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
+    return centre_square(mask)
 
 
 def token_mask(pixel_mask, grid):
@@ -324,11 +336,12 @@ def editing_init(args, base, sr):
     """For --mask / --outpaint: the token grids to start decoding from (known tokens and
     [MASK]s), at the base scale and, with super-resolution, at the high-res scale."""
     inits = []
+    pixel_hole = load_mask(args.mask, args.init) if args.mask else None    # read once, used at each scale
     for stage in (base, sr) if sr else (base,):
         c = stage.model.cfg
         ids = encode_image(stage, load_image(args.init, stage.vq.cfg.resolution))       # (1, N)
         if args.mask:
-            hole = token_mask(load_mask(args.mask, args.init), c.grid).reshape(1, -1)   # (1, N)
+            hole = token_mask(pixel_hole, c.grid).reshape(1, -1)                         # (1, N)
             inits.append(np.where(hole, c.mask_id, ids))
         else:
             # whole base tokens, the same strip at every scale
@@ -347,11 +360,9 @@ def run(args, base, sr, prompts, seed):
         for i, stage in enumerate([base, sr] if sr else [base]):
             image = load_image(args.edit, stage.vq.cfg.resolution, "--edit")
             ids = jnp.asarray(np.repeat(encode_image(stage, image), B, 0))              # (B, N)
-            ctx, ctx_mask = stage.text_encoder(prompts)
-            uncond, uncond_mask = stage.text_encoder([args.negative or ""] * B)
-            ids, _ = muse.edit_jit(stage.model, stage.params, ctx, ctx_mask, uncond, uncond_mask,
-                                   jax.random.PRNGKey(seed + i), ids, iterations=args.edit_steps,
-                                   fraction=args.edit_fraction, guidance=args.guidance,
+            contexts = encode_prompts(stage.text_encoder, prompts, args.negative)
+            ids, _ = muse.edit_jit(stage.model, stage.params, *contexts, jax.random.PRNGKey(seed + i), ids,
+                                   iterations=args.edit_steps, fraction=args.edit_fraction, guidance=args.guidance,
                                    temperature=args.temperature, lowres_ids=lowres)
             images.append(ids_to_images(stage.vq, stage.vq_params, ids))
             lowres = ids                        # the super-res edit is conditioned on the edited base tokens

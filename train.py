@@ -204,12 +204,13 @@ def setup_transformer(args, config, consts):
             return
         # super-res of real low-res tokens: rows = low-res reconstruction, super-res, original
         batch = host_batch(args, 0, resolutions, text_encoder, captions=True)
-        lo_ids = vqgan.encode_jit(lo_vq, consts["vqgan"], batch["lowres_images"][:8]).reshape(8, -1)
-        ids = generate_ids(model, params, text_encoder, batch["captions"][:8], seed=0, steps=8, lowres_ids=lo_ids)
-        lo = ids_to_images(lo_vq, consts["vqgan"], lo_ids)
-        up = lo.repeat(out_cfg.resolution // lo_cfg.resolution, 1).repeat(out_cfg.resolution // lo_cfg.resolution, 2)
+        n = min(8, len(batch["captions"]))
+        lo_ids = vqgan.encode_jit(lo_vq, consts["vqgan"], batch["lowres_images"][:n]).reshape(n, -1)
+        ids = generate_ids(model, params, text_encoder, batch["captions"][:n], seed=0, steps=8, lowres_ids=lo_ids)
+        f = out_cfg.resolution // lo_cfg.resolution                      # nearest-neighbour upsampling factor
+        up = ids_to_images(lo_vq, consts["vqgan"], lo_ids).repeat(f, 1).repeat(f, 2)
         save_grid(np.concatenate([up, ids_to_images(out_vq, consts[out_key], ids),
-                                  vqgan.to_uint8(batch["images"][:8])]), path, cols=8)
+                                  vqgan.to_uint8(batch["images"][:n])]), path, cols=n)
 
     return {"init": init, "consts": consts, "loss_fn": loss_fn, "sample_grid": sample_grid,
             "resolutions": resolutions, "text_encoder": text_encoder}
