@@ -24,6 +24,7 @@ Shape legend (used in every shape comment):
   H  attention heads                dh width of one head
   T  decoding steps
 """
+import functools
 import json
 import math
 import os
@@ -180,9 +181,16 @@ class TextEncoder:
 
     def tokenize(self, prompts):
         """-> ids int32 (B, L), mask bool (B, L); the tokenizer appends </s>, so "" is one token."""
-        out = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length,
+        rows = [self._tokenize_one(p) for p in prompts]
+        return np.stack([ids for ids, _ in rows]), np.stack([mask for _, mask in rows])
+
+    @functools.lru_cache(maxsize=1 << 16)
+    def _tokenize_one(self, prompt):
+        # Cached: transformers' Python tokenizers manage ~12k prompts/s, less than a GPU
+        # trains on, and training data repeats captions (the shapes world has ~1,300).
+        out = self.tokenizer([prompt], padding="max_length", max_length=self.max_length,
                              truncation=True, return_tensors="np")
-        return out["input_ids"].astype(np.int32), out["attention_mask"].astype(bool)
+        return out["input_ids"][0].astype(np.int32), out["attention_mask"][0].astype(bool)
 
     def encode_ids(self, ids, mask):
         return self._encode(self.params, ids, mask)
@@ -254,6 +262,7 @@ class MuseConfig:
     head_dim: int = 64             # dh
     mlp_ratio: int = 4             # MLP hidden width = mlp_ratio * D
     text_dim: int = 64             # Dt: width of the T5 embeddings, projected to D
+    text_length: int = 64          # L: longest prompt in tokens (the text gets learned positions)
     label_smoothing: float = 0.1   # on the masked-token cross-entropy
     cond_drop: float = 0.1         # fraction of examples trained on the empty prompt (§2.4.1)
     # super-resolution (§2.3): a model with lowres_grid > 0 is also conditioned on the
@@ -274,6 +283,10 @@ class MuseConfig:
 PRESETS = {
     "tiny": MuseConfig(codebook_size=64, grid=4, width=64, depth=2, heads=2, head_dim=32, text_dim=64),
     "shapes": MuseConfig(codebook_size=512, grid=8, width=256, depth=4, heads=4, head_dim=64),
+    # the shipped demo (issue 4, trained on a GPU): base and super-resolution models whose
+    # float16 checkpoints fit in a few tens of MB and sample in seconds on a laptop CPU
+    "demo": MuseConfig(codebook_size=512, grid=8, width=256, depth=6, heads=4, head_dim=64),
+    "demo_sr": MuseConfig(codebook_size=512, grid=16, width=256, depth=4, heads=4, head_dim=64, lowres_depth=2),
     # the two configurations of the speed issue (issue 6), against muse-maskgit-pytorch
     "small": MuseConfig(codebook_size=512, grid=8, width=256, depth=4, heads=4, head_dim=64, text_dim=256),
     "medium": MuseConfig(codebook_size=512, grid=16, width=512, depth=8, heads=4, head_dim=64, text_dim=256),
@@ -330,6 +343,11 @@ class MaskedTransformer(nn.Module):
         x = x + self.param("pos_emb", init, (c.num_tokens, c.width))                          # learned positions
         # the paper projects the T5 embeddings to the transformer's width (§2.2)
         ctx = nn.Dense(c.width, name="text_proj")(text_emb)                                  # (B, L, D)
+        # Departure: learned positions on the projected text. A pretrained T5 already encodes
+        # word order, but the offline default is a small *random* frozen T5 whose relative
+        # position bias is near zero, so "a red circle above a blue square" and "a blue circle
+        # above a red square" would reach the transformer as nearly the same bag of bytes.
+        ctx = ctx + self.param("text_pos_emb", init, (c.text_length, c.width))[:ctx.shape[1]]
         ctx_mask = text_mask
         if c.lowres_grid:
             lo = nn.Embed(c.lowres_codebook_size, c.width, embedding_init=init, name="lowres_emb")(lowres_ids)

@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -61,7 +62,8 @@ def read_checkpoint(path):
         ckpt["config"] = json.loads(ckpt["config"])
     except Exception as e:                      # truncated, or not a checkpoint at all
         fail(f"{file} is not a readable checkpoint ({type(e).__name__}: {e})")
-    return ckpt
+    # shipped checkpoints store their weights in float16 (`train.py export`); compute in float32
+    return jax.tree.map(lambda x: x.astype(np.float32) if getattr(x, "dtype", None) == np.float16 else x, ckpt)
 
 
 def save_grid(images, path, cols):
@@ -86,6 +88,7 @@ class Stage:
     vq: vqgan.VQGAN
     vq_params: dict
     text_encoder: muse.TextEncoder
+    config: dict                                # the run's full config (train.py new_run)
 
 
 def encode_prompts(text_encoder, prompts, negative=None):
@@ -137,9 +140,10 @@ def load_stage(path, stage):
     try:
         out = "vqgan_hr" if stage == "superres" else "vqgan"
         folder = path if os.path.isdir(path) else os.path.dirname(path)
+        vq_cfg = vqgan.VQGANConfig(**dict(config[out], im2col=False))   # no gradients here (Conv3x3)
         return Stage(muse.MaskedTransformer(muse.MuseConfig(**config["muse"])), ckpt["params"],
-                     vqgan.VQGAN(vqgan.VQGANConfig(**config[out])), ckpt["consts"][out],
-                     load_text_encoder(config, ckpt["consts"]["t5"], folder))
+                     vqgan.VQGAN(vq_cfg), ckpt["consts"][out],
+                     load_text_encoder(config, ckpt["consts"]["t5"], folder), config)
     except (KeyError, TypeError, OSError) as e:
         fail(f"{path}: incompatible checkpoint ({type(e).__name__}: {e})")
 
@@ -265,6 +269,232 @@ def benchmark(preset, batch=8, steps=24, text_length=32, repeats=5):
             "backend": jax.default_backend(), "devices": jax.device_count()}
 
 
+# -----------------------------------------------------------------------------
+# Evaluation on the shapes world: a checker that reads pixels only (SHAPES.md)
+# -----------------------------------------------------------------------------
+# Scores a generated image against its caption the way SHAPES.md's last section says
+# ("What a checker reads off an image"). It restates the contract instead of importing
+# shapes.py, so a renderer bug cannot hide itself by being shared with the checker.
+
+CHECK_PALETTE = {                               # SHAPES.md, "Palette"
+    "red": (220, 40, 40), "yellow": (230, 200, 30), "green": (40, 170, 60),
+    "cyan": (30, 190, 200), "blue": (40, 70, 220), "purple": (160, 50, 200),
+}
+# Blobs below this fraction of S*S are noise: the smallest object SHAPES.md allows is a
+# small triangle (side 0.18*0.9 = 0.162, area ~0.5*0.162^2 = 0.013), and a quarter of
+# that (3 px at S=32, 12 px at S=64) drops stray specks yet keeps every real object.
+MIN_AREA = 0.003
+# Fill of the bounding box tells shapes apart: ideal triangle 0.5, circle pi/4 = 0.785,
+# square 1.0; the thresholds sit midway. Pixelation moves the fills (measured on the
+# renderer at S=32: triangles 0.50-0.60, circles 0.67-0.87), still on the right side.
+TRIANGLE_BELOW, SQUARE_ABOVE = 0.64, 0.89
+# Sizes may vary by ±10%: small 0.162-0.198, unnamed 0.234-0.286, large 0.324-0.396.
+# The thresholds sit midway between the neighbouring ranges, leaving room for rounding.
+SMALL_BELOW, LARGE_ABOVE = 0.22, 0.31
+
+_COLOR, _SHAPE = "|".join(CHECK_PALETTE), "circle|square|triangle"
+_POSITIONS = {"on the left": "left", "on the right": "right", "at the top": "top",
+              "at the bottom": "bottom", "in the center": "center"}
+_RELATIONS = {"to the left of": "left", "to the right of": "right", "above": "above", "below": "below"}
+_TEMPLATES = {                                  # SHAPES.md number -> the whole caption
+    1: rf"a (?P<color>{_COLOR}) (?P<shape>{_SHAPE})",
+    2: rf"a (?P<size>small|large) (?P<color>{_COLOR}) (?P<shape>{_SHAPE})",
+    3: rf"a (?P<color>{_COLOR}) (?P<shape>{_SHAPE}) (?P<position>{'|'.join(_POSITIONS)})",
+    4: rf"a (?P<color>{_COLOR}) (?P<shape>{_SHAPE}) (?P<relation>{'|'.join(_RELATIONS)}) "
+       rf"a (?P<color2>{_COLOR}) (?P<shape2>{_SHAPE})",
+    5: rf"(?P<count>two|three) (?P<color>{_COLOR}) (?P<shape>{_SHAPE})s",
+}
+
+
+def parse_caption(caption):
+    """What a caption states: {"template": 1..5, "objects": [{"color", "shape", "size",
+    "position"}], "relation": None or how object 0 stands to object 1, "count": n}."""
+    for template, pattern in _TEMPLATES.items():
+        match = re.fullmatch(pattern, caption)
+        if match:
+            break
+    else:
+        raise ValueError(f"caption {caption!r} matches none of the five SHAPES.md templates")
+    g = match.groupdict()
+    first = dict(color=g["color"], shape=g["shape"], size=g.get("size"), position=_POSITIONS.get(g.get("position")))
+    if template == 4:
+        # The two objects are told apart by colour alone, so the contract makes them differ.
+        if g["color2"] == g["color"]:
+            raise ValueError(f"caption {caption!r}: SHAPES.md template 4 needs two different colours")
+        objects = [first, dict(color=g["color2"], shape=g["shape2"], size=None, position=None)]
+    else:
+        objects = [dict(first) for _ in range({"two": 2, "three": 3}.get(g.get("count"), 1))]
+    return {"template": template, "objects": objects, "relation": _RELATIONS.get(g.get("relation")),
+            "count": len(objects)}
+
+
+def _components(classes):
+    """int (S, S) pixel classes -> int (S, S) labels: 4-connected same-class regions.
+
+    4- rather than 8-connected: rendered objects are at least 0.04*S apart, so both split
+    them, but in a blurry generated image two close objects often touch only at corners
+    through stray edge pixels, and those should not merge into one blob. Labels start as
+    each pixel's flat index and shrink to the smallest index of the region: each round
+    takes the minimum over same-class neighbours, then jumps pointers (label of the
+    label), which shortcuts long chains. Rendered scenes converge in 7-8 rounds at S=64.
+    """
+    S = classes.shape[0]
+    labels = np.arange(S * S).reshape(S, S)
+    right = classes[:, 1:] == classes[:, :-1]    # (S, S-1): pixel joined to its right neighbour
+    down = classes[1:] == classes[:-1]           # (S-1, S): pixel joined to the one below
+    while True:
+        new = labels.copy()
+        new[:, :-1] = np.where(right, np.minimum(new[:, :-1], labels[:, 1:]), new[:, :-1])
+        new[:, 1:] = np.where(right, np.minimum(new[:, 1:], labels[:, :-1]), new[:, 1:])
+        new[:-1] = np.where(down, np.minimum(new[:-1], labels[1:]), new[:-1])
+        new[1:] = np.where(down, np.minimum(new[1:], labels[:-1]), new[1:])
+        new = new.ravel()[new]                   # (S, S): labels only ever point within a region
+        if (new == labels).all():
+            return labels
+        labels = new
+
+
+def find_objects(image):
+    """uint8 (S, S, 3) -> one dict per blob: color, area, bbox (x0, y0, x1, y1 inclusive),
+    fill, shape, size and centre cx, cy (fractions of S, centre of the bounding box)."""
+    S = image.shape[0]
+    refs = np.array([(255, 255, 255), *CHECK_PALETTE.values()], np.float32)    # (7, 3), white first
+    dist = ((image[:, :, None, :].astype(np.float32) - refs) ** 2).sum(-1)     # (S, S, 7)
+    classes = dist.argmin(-1)                    # (S, S): 0 white, k the k-th palette colour
+    labels = _components(classes)
+    ids, areas = np.unique(labels[classes > 0], return_counts=True)
+    names, objects = list(CHECK_PALETTE), []
+    for label, area in zip(ids, areas):
+        if area < MIN_AREA * S * S:
+            continue
+        ys, xs = np.nonzero(labels == label)
+        x0, y0, x1, y1 = xs.min(), ys.min(), xs.max(), ys.max()
+        w, h = x1 - x0 + 1, y1 - y0 + 1
+        fill = area / (w * h)
+        shape = "triangle" if fill < TRIANGLE_BELOW else "square" if fill > SQUARE_ABOVE else "circle"
+        objects.append(dict(color=names[classes[ys[0], xs[0]] - 1], area=int(area),
+                            bbox=(int(x0), int(y0), int(x1), int(y1)), fill=float(fill), shape=shape,
+                            size=max(w, h) / S, cx=(x0 + x1 + 1) / (2 * S), cy=(y0 + y1 + 1) / (2 * S)))
+    return objects
+
+
+def _position_holds(position, cx, cy):
+    """SHAPES.md template 3, on the bounding-box centre; only the axis the words name."""
+    middle = lambda c: 1 / 3 <= c <= 2 / 3
+    return {"left": cx < 1 / 3, "right": cx > 2 / 3, "top": cy < 1 / 3, "bottom": cy > 2 / 3,
+            "center": middle(cx) and middle(cy)}[position]
+
+
+def check_image(image, caption):
+    """uint8 (S, S, 3), caption -> (passes, reason): whether every colour, count, shape,
+    size, position and relation the caption states holds; reason is "" on a pass."""
+    spec = parse_caption(caption)
+    found = find_objects(image)
+    # Counts per colour, over every colour: an unnamed colour expects 0, so a distractor fails.
+    by_color = {color: [o for o in found if o["color"] == color] for color in CHECK_PALETTE}
+    for color, got in by_color.items():
+        want = sum(o["color"] == color for o in spec["objects"])
+        if len(got) != want:
+            return False, f"expected {want} {color} object{'s' * (want != 1)}, found {len(got)}"
+    # The counts match, and named objects differ in colour (templates 1-4) or are alike
+    # (template 5), so each takes the next found object of its colour.
+    matched = [by_color[want["color"]].pop(0) for want in spec["objects"]]
+    for want, got in zip(spec["objects"], matched):
+        what = f"{want['color']} object"
+        if got["shape"] != want["shape"]:
+            return False, f"{what} is a {got['shape']} (fill {got['fill']:.2f}), expected a {want['shape']}"
+        if want["size"] == "small" and not got["size"] < SMALL_BELOW:
+            return False, f"{what} has side {got['size']:.2f}, expected small (< {SMALL_BELOW})"
+        if want["size"] == "large" and not got["size"] > LARGE_ABOVE:
+            return False, f"{what} has side {got['size']:.2f}, expected large (> {LARGE_ABOVE})"
+        if want["position"] and not _position_holds(want["position"], got["cx"], got["cy"]):
+            return False, f"{what} centred at ({got['cx']:.2f}, {got['cy']:.2f}), expected {want['position']}"
+    if spec["relation"]:
+        # y grows downward, so "above" is a smaller cy. The 0.2*S minimum distance of
+        # SHAPES.md is a guarantee about how scenes are drawn, not part of what the
+        # caption states, so it is not checked: the named axis must lead, that is all.
+        a, b = matched
+        dx, dy = b["cx"] - a["cx"], b["cy"] - a["cy"]               # from object 0 to object 1
+        holds = {"left": dx > 0 and abs(dx) > abs(dy), "right": dx < 0 and abs(dx) > abs(dy),
+                 "above": dy > 0 and abs(dy) > abs(dx), "below": dy < 0 and abs(dy) > abs(dx)}
+        if not holds[spec["relation"]]:
+            words = {"left": "left of", "right": "right of"}.get(spec["relation"], spec["relation"])
+            return False, (f"{a['color']} object not {words} the {b['color']} one "
+                           f"(relation; dx {dx:.2f}, dy {dy:.2f})")
+    return True, ""
+
+
+def evaluation_prompts(num, seed, holdout):
+    """`num` captions, the same number from each of the five templates, plus as many
+    template-4 captions that use a held-out pair (none without a holdout). Drawn with the
+    shapes world's own caption sampler and a fixed seed; returns [(template, caption, objects)]
+    where objects (the renderer's scene) is used only to draw the reference renders."""
+    import shapes
+    per = math.ceil(num / shapes.TEMPLATES)
+    prompts = [(t, *shapes.sample_scene(np.random.default_rng((seed, t, i)), t, holdout))
+               for t in range(1, shapes.TEMPLATES + 1) for i in range(per)]
+    held = []
+    rng = np.random.default_rng((seed, 99))
+    while holdout and len(held) < per:
+        caption, objects = shapes.sample_scene(rng, 4)
+        if shapes.held_out(4, objects, holdout):
+            held.append(("held-out", caption, objects))
+    return prompts + held
+
+
+def evaluate(args, base, sr):
+    """`sample.py --evaluate shapes`: how often the pipeline draws what the prompt says.
+
+    Three rows, each scored by `check_image` on the final images (64 px with super-res):
+      renders          the renderer's own images: checks the checker (should be ~100%)
+      reconstructions  the renders through the final tokenizer: the ceiling it allows
+      generated        the pipeline's samples at the sampling flags given (the defaults)
+    Columns: each template, 'held-out' (relations with colour-shape pairs kept out of
+    training by `train.py --holdout`) and the overall score over templates 1-5.
+    """
+    import shapes
+    final = sr or base
+    S = final.vq.cfg.resolution
+    holdout = tuple(h.strip() for h in base.config["train"].get("holdout", "").split(",") if h.strip())
+    prompts = evaluation_prompts(args.num, args.seed, holdout)
+    captions = [c for _, c, _ in prompts]
+    renders = np.stack([shapes.render(objects, S) for _, _, objects in prompts])        # (P, S, S, 3) uint8
+    recon = np.concatenate([ids_to_images(final.vq, final.vq_params, vqgan.encode_jit(
+        final.vq, final.vq_params, renders[i:i + 64] / 127.5 - 1.0)) for i in range(0, len(prompts), 64)])
+    generated = []
+    for start in range(0, len(prompts), args.batch_size):
+        chunk = captions[start:start + args.batch_size]
+        padded = chunk + [chunk[-1]] * (args.batch_size - len(chunk))   # one compiled program for all batches
+        generated.append(run(args, base, sr, padded, seed=args.seed + start)[0][:len(chunk)])
+    generated = np.concatenate(generated)
+    if args.outdir:
+        os.makedirs(args.outdir, exist_ok=True)
+    rows, results = {}, []
+    for name, images in (("renders", renders), ("reconstructions", recon), ("generated", generated)):
+        passed = {}
+        for i, ((group, caption, _), image) in enumerate(zip(prompts, images)):
+            ok, why = check_image(image, caption)
+            passed.setdefault(group, []).append(ok)
+            if name == "generated":
+                results.append({"i": i, "template": group, "caption": caption, "pass": ok, "reason": why})
+                if args.outdir:
+                    Image.fromarray(image).save(os.path.join(args.outdir, f"{i:03d}.png"))
+        row = {str(g): float(np.mean(v)) for g, v in passed.items()}
+        row["overall"] = float(np.mean([ok for g, v in passed.items() if g != "held-out" for ok in v]))
+        rows[name] = row
+    if args.outdir:
+        with open(os.path.join(args.outdir, "results.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in results)
+    l1 = float(np.abs(recon.astype(np.float32) - renders).mean() / 255)
+    cols = [str(t) for t in range(1, shapes.TEMPLATES + 1)] + (["held-out"] if holdout else []) + ["overall"]
+    print(f"{len(prompts)} prompts, {S} px, seed {args.seed}, guidance {args.guidance}, steps {args.steps}"
+          f"{f' + {args.sr_steps}' if sr else ''}; tokenizer L1 error {l1:.4f} (pixels in [0, 1])")
+    print(f"{'':16s}" + "".join(f"{c:>10s}" for c in cols))
+    for name, row in rows.items():
+        print(f"{name:16s}" + "".join(f"{100 * row[c]:9.1f}%" for c in cols))
+    return {"prompts": len(prompts), "resolution": S, "tokenizer_l1": l1, "holdout": list(holdout), **rows}
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):                   # one line and exit code 2, no usage dump
         fail(f"{self.prog}: {message}", code=2)
@@ -287,7 +517,8 @@ def parse_args(argv=None):
     p.add_argument("--choice_temperature", type=float, default=4.5,
                    help="Gumbel noise on the confidences at step 0, annealed to 0 (MaskGIT)")
     p.add_argument("--negative", default=None, help="negative prompt, used in place of the empty prompt")
-    p.add_argument("--num", type=int, default=1, help="images of the prompt, written as one grid")
+    p.add_argument("--num", type=int, default=None,
+                   help="images of the prompt, written as one grid (default 1; --evaluate: prompts, default 200)")
     p.add_argument("--lowres-out", dest="lowres_out", default=None,
                    help="with super-resolution: also write the base model's low-res image here")
     p.add_argument("--prompts-file", dest="prompts_file", default=None, help="one prompt per line")
@@ -303,14 +534,21 @@ def parse_args(argv=None):
                    help="mask-free editing: iterations (paper: 100)")
     p.add_argument("--edit-fraction", dest="edit_fraction", type=float, default=0.08,
                    help="mask-free editing: fraction of tokens resampled per iteration (paper: 0.08)")
+    p.add_argument("--evaluate", choices=["shapes"], default=None,
+                   help="score --num prompts (default 200) of the shapes world with a pixel checker; "
+                        "with --outdir, also write the images and results.jsonl there")
     p.add_argument("--benchmark", nargs="?", const="small", default=None, choices=sorted(muse.PRESETS),
                    help="time sampling of a preset with random weights and print one JSON line")
     args = p.parse_args(argv)
     if args.guidance is None:
         args.guidance = 4.0 if args.edit else 3.0
+    if args.num is None:
+        args.num = 200 if args.evaluate else 1
     if args.benchmark is not None:
         return args
-    if args.prompts_file is None and args.prompt is None:
+    if args.evaluate and (args.prompt or args.prompts_file):
+        p.error("--evaluate draws its own prompts: give no prompt or --prompts-file")
+    if args.prompts_file is None and args.prompt is None and not args.evaluate:
         p.error("give a prompt, --prompts-file F --outdir D, or --benchmark")
     if args.prompts_file and not args.outdir:
         p.error("--prompts-file needs --outdir")
@@ -325,7 +563,7 @@ def parse_args(argv=None):
         p.error(f"--{modes[0]} needs --init IMAGE")
     if args.init and not (args.mask or args.outpaint):
         p.error("--init needs --mask MASK.png or --outpaint SIDE")
-    if modes and args.prompts_file:
+    if modes and (args.prompts_file or args.evaluate):
         p.error("editing works on one prompt, not --prompts-file")
     if not 0 < args.amount < 1 or not 0 < args.edit_fraction <= 1:
         p.error("--amount must be in (0, 1) and --edit-fraction in (0, 1]")
@@ -372,9 +610,10 @@ def run(args, base, sr, prompts, seed):
     lo_ids = generate_ids(base.model, base.params, base.text_encoder, prompts, seed=seed, steps=args.steps,
                           guidance=args.guidance, choice_temperature=args.choice_temperature,
                           init_ids=rep(init_lo), **kw)
-    lo_images = ids_to_images(base.vq, base.vq_params, lo_ids)
     if sr is None:
-        return lo_images, None
+        return ids_to_images(base.vq, base.vq_params, lo_ids), None
+    # the low-res images are decoded only when asked for (--lowres-out): a decoder compile is ~1 s
+    lo_images = ids_to_images(base.vq, base.vq_params, lo_ids) if args.lowres_out else None
     hr_ids = generate_ids(sr.model, sr.params, sr.text_encoder, prompts, seed=seed + 1, steps=args.sr_steps,
                           guidance=args.guidance, choice_temperature=args.choice_temperature,
                           init_ids=rep(init_hr), lowres_ids=lo_ids, **kw)
@@ -395,6 +634,9 @@ def main(argv=None):
         if not prompts:
             fail(f"{args.prompts_file} holds no prompt")
     base, sr = load_pipeline(args.checkpoint, args.superres)
+    if args.evaluate:
+        print(json.dumps(evaluate(args, base, sr)))
+        return
     if args.prompts_file:
         os.makedirs(args.outdir, exist_ok=True)
         for start in range(0, len(prompts), args.batch_size):

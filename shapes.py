@@ -149,15 +149,29 @@ def _place(rng, objects, rule):
     return None
 
 
-def sample_scene(rng: np.random.Generator, template: int | None = None) -> tuple[str, list[dict]]:
+def held_out(template: int, objects: list[dict], holdout) -> bool:
+    """Whether a scene uses a (colour, shape) pair that training keeps out of relations.
+
+    holdout: pairs such as {"purple triangle", "yellow square"}. Only template 4 (two
+    objects in a relation) is held out, so the model still sees these objects on their
+    own and must compose them into relations it never saw (issue 4's generalisation check).
+    """
+    return template == 4 and any(f"{o['color']} {o['shape']}" in holdout for o in objects)
+
+
+def sample_scene(rng: np.random.Generator, template: int | None = None,
+                 holdout=()) -> tuple[str, list[dict]]:
     """Draw a caption and the objects it describes (see the module docstring).
 
-    template: 1..5 as in SHAPES.md, or None for uniform over the five.
+    template: 1..5 as in SHAPES.md, or None for uniform over the five. holdout: see
+    `held_out`; such scenes are redrawn (keeping the template).
     """
     if template is None:
         template = int(rng.integers(1, TEMPLATES + 1))
     while True:
         caption, objects, rule = _draw_caption(rng, template)
+        if held_out(template, objects, holdout):
+            continue
         placed = _place(rng, objects, rule)
         # A caption whose objects found no room (e.g. three large-ish objects with
         # unlucky draws) is redrawn rather than rendered with a constraint broken.
@@ -204,7 +218,7 @@ def render(objects: list[dict], resolution: int) -> np.ndarray:
 
 def shapes_batch(
     seed: int, step: int, batch_size: int, resolution: int, start: int = 0, stop: int | None = None,
-    num_examples: int = 0,
+    num_examples: int = 0, holdout=(),
 ) -> tuple[np.ndarray, list[str]]:
     """Rows [start, stop) of the global batch for training step `step`.
 
@@ -216,6 +230,7 @@ def shapes_batch(
     num_examples > 0 makes the world finite: row i of step k is scene number
     (k * batch_size + i) mod num_examples, seeded with (seed, scene), so consecutive steps
     walk through the same scenes in epochs (used to show that a model can overfit).
+    holdout: (colour, shape) pairs never drawn in relations (see `held_out`).
     """
     stop = batch_size if stop is None else stop
     if not 0 <= start <= stop <= batch_size:
@@ -224,7 +239,7 @@ def shapes_batch(
     captions = []
     for row, i in enumerate(range(start, stop)):
         key = (seed, (step * batch_size + i) % num_examples) if num_examples else (seed, step, i)
-        caption, objects = sample_scene(np.random.default_rng(key))
+        caption, objects = sample_scene(np.random.default_rng(key), holdout=holdout)
         images[row] = render(objects, resolution)
         captions.append(caption)
     return images, captions

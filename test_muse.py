@@ -550,8 +550,8 @@ def test_vqgan_overfits_a_handful_of_images(tmp_path):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     real = train.host_batch
 
-    def poisoned(args, step, resolutions, text_encoder=None):
-        batch = real(args, step, resolutions, text_encoder)
+    def poisoned(args, step, resolutions, text_encoder=None, **kw):
+        batch = real(args, step, resolutions, text_encoder, **kw)
         if step >= 3:                                          # the 4th step sees a NaN pixel
             batch["images"][0, 0, 0, 0] = np.nan
         return batch
@@ -792,3 +792,109 @@ def test_help_lists_the_flags(module, capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "--checkpoint" in out if module is sample else "--resume" in out
+
+
+# =============================================================================
+# sample.py: the pixel-only checker of shapes images (SHAPES.md)
+# =============================================================================
+
+def test_parse_caption_reads_all_five_templates():
+    def obj(color, shape, size=None, position=None):
+        return dict(color=color, shape=shape, size=size, position=position)
+
+    cases = {
+        "a red circle": (1, [obj("red", "circle")], None),
+        "a large cyan square": (2, [obj("cyan", "square", size="large")], None),
+        "a purple triangle in the center": (3, [obj("purple", "triangle", position="center")], None),
+        "a blue square at the bottom": (3, [obj("blue", "square", position="bottom")], None),
+        "a green circle to the right of a yellow circle": (4, [obj("green", "circle"), obj("yellow", "circle")], "right"),
+        "a red triangle above a blue square": (4, [obj("red", "triangle"), obj("blue", "square")], "above"),
+        "three blue squares": (5, [obj("blue", "square")] * 3, None),
+        "two green triangles": (5, [obj("green", "triangle")] * 2, None),
+    }
+    for caption, (template, objects, relation) in cases.items():
+        assert sample.parse_caption(caption) == dict(template=template, objects=objects, relation=relation,
+                                                     count=len(objects)), caption
+    for caption, _ in _scenes(n=100):  # every caption the sampler writes parses
+        assert sample.parse_caption(caption)["template"] == _template_of(caption)
+    for garbage in ("", "a red circle.", "A red circle", "a  red circle", "a pink circle", "a red hexagon",
+                    "four red circles", "two red circle", "a red circle on the side", "a small red circle on the left",
+                    "a red circle above a red square"):  # the last: template 4 needs two colours
+        with pytest.raises(ValueError, match="caption"):
+            sample.parse_caption(garbage)
+
+
+def test_checker_find_objects_reads_back_rendered_objects():
+    for S in (32, 64):
+        for _, objects in _scenes(n=50, seed=S):
+            found = sorted(sample.find_objects(shapes.render(objects, S)), key=lambda o: (o["cx"], o["cy"]))
+            objects = sorted(objects, key=lambda o: (o["cx"], o["cy"]))
+            assert [(o["color"], o["shape"]) for o in found] == [(o["color"], o["shape"]) for o in objects]
+            for f, o in zip(found, objects):  # rounding to the pixel grid moves each edge <= half a pixel
+                assert abs(f["cx"] - o["cx"]) <= 0.5 / S + 1e-9 and abs(f["cy"] - o["cy"]) <= 0.5 / S + 1e-9
+                assert abs(f["size"] - o["size"]) <= 1 / S + 1e-9
+
+
+@pytest.mark.parametrize("S", [32, 64])
+def test_check_image_passes_the_renderers_own_images(S):
+    failures, n = [], 60
+    for template in range(1, 6):
+        for seed in range(n):
+            caption, objects = shapes.sample_scene(np.random.default_rng(seed), template)
+            ok, reason = sample.check_image(shapes.render(objects, S), caption)
+            if not ok:
+                failures.append((seed, caption, reason))
+    assert len(failures) <= 0.01 * 5 * n, failures
+
+
+# Words whose replacement contradicts any image of the original caption (the renderer keeps
+# positions and relations clear of the thresholds), and a fragment of the checker's reason.
+CONTRADICTIONS = {
+    "on the left": ("on the right", "expected right"), "on the right": ("on the left", "expected left"),
+    "at the top": ("at the bottom", "expected bottom"), "at the bottom": ("at the top", "expected top"),
+    "in the center": ("on the left", "expected left"),
+    "to the left of": ("to the right of", "relation"), "to the right of": ("to the left of", "relation"),
+    "above": ("below", "relation"), "below": ("above", "relation"),
+    "small": ("large", "expected large"), "large": ("small", "expected small"),
+    "two": ("three", "expected 3"), "three": ("two", "expected 2"),
+}
+
+
+def _wrong_captions(caption):
+    """caption -> {a caption the same image contradicts: what the checker's reason must say}."""
+    first = sample.parse_caption(caption)["objects"][0]
+    unused = next(c for c in shapes.COLORS if c not in caption.split())
+    other = next(s for s in shapes.SHAPES if s != first["shape"])
+    # The first colour and shape word belong to object 0 (a plural "circles" contains "circle").
+    wrong = {caption.replace(first["color"], unused, 1): ", found",  # a count per colour
+             caption.replace(first["shape"], other, 1): f"is a {first['shape']}"}
+    for phrase, (opposite, reason) in CONTRADICTIONS.items():
+        if f" {phrase} " in f" {caption} ":
+            wrong[f" {caption} ".replace(f" {phrase} ", f" {opposite} ").strip()] = reason
+    return wrong
+
+
+def test_check_image_rejects_captions_the_image_contradicts():
+    for template in range(1, 6):
+        for seed in range(10):
+            caption, objects = shapes.sample_scene(np.random.default_rng(seed), template)
+            image = shapes.render(objects, 64)
+            assert sample.check_image(image, caption) == (True, ""), caption  # so each failure is the edit's
+            wrong = _wrong_captions(caption)
+            assert len(wrong) == (2 if template == 1 else 3), wrong
+            for bad, reason in wrong.items():
+                ok, why = sample.check_image(image, bad)
+                assert not ok and reason in why, (caption, bad, why)
+
+
+def test_check_image_rejects_blank_images_and_distractors():
+    blank = np.full((64, 64, 3), 255, np.uint8)
+    for caption, _ in _scenes(n=20):
+        ok, why = sample.check_image(blank, caption)
+        assert not ok and why.startswith("expected") and why.endswith("found 0"), (caption, why)
+    for seed in range(10):  # a scene of two: the second object is a distractor to a caption naming the first
+        _, (a, b) = shapes.sample_scene(np.random.default_rng(seed), 4)
+        caption = f"a {a['color']} {a['shape']}"
+        assert sample.check_image(shapes.render([a], 64), caption) == (True, "")
+        ok, why = sample.check_image(shapes.render([a, b], 64), caption)
+        assert not ok and why == f"expected 0 {b['color']} objects, found 1", why

@@ -31,7 +31,9 @@ import argparse
 import json
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+import shutil
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, replace
 
 import numpy as np
@@ -57,20 +59,32 @@ SAMPLE_PROMPTS = ["a red circle", "a large blue square", "a green triangle on th
 # Data: the built-in shapes world (shapes.py), a pure function of (seed, step)
 # -----------------------------------------------------------------------------
 
-def host_batch(args, step, resolutions, text_encoder=None, captions=False):
+def host_batch(args, step, resolutions, text_encoder=None, captions=False, workers=None):
     """This process's rows of the global batch for `step`, as numpy arrays.
 
     images float32 (b, S, S, 3) in [-1, 1] at resolutions[0]; for super-resolution also
     lowres_images (b, S_lo, S_lo, 3), the same scenes rendered at resolutions[1]; with a
     text encoder also text_ids int32 (b, L) and text_mask bool (b, L) (the prompts are
     tokenized here and encoded on the device).
+
+    workers: a process pool (--data_workers) that renders the rows in chunks in parallel.
+    Rendering is plain Python (~3,500 scenes/s per core), too slow for one core to feed a GPU.
     """
     b = args.batch_size // jax.process_count()
     start = jax.process_index() * b
+    holdout = tuple(h.strip() for h in args.holdout.split(",") if h.strip())
     batch = {}
     for key, res in zip(("images", "lowres_images"), resolutions):
-        images, texts = shapes.shapes_batch(args.seed, step, args.batch_size, res, start, start + b,
-                                            num_examples=args.num_examples)
+        render = lambda lo, hi: shapes.shapes_batch(args.seed, step, args.batch_size, res, lo, hi,
+                                                    args.num_examples, holdout)
+        if workers is None:
+            images, texts = render(start, start + b)
+        else:                                   # rows are independent: split them into chunks
+            cuts = np.linspace(start, start + b, args.data_workers + 1).astype(int)
+            parts = [workers.submit(shapes.shapes_batch, args.seed, step, args.batch_size, res, lo, hi,
+                                    args.num_examples, holdout) for lo, hi in zip(cuts[:-1], cuts[1:])]
+            parts = [p.result() for p in parts]
+            images, texts = np.concatenate([p[0] for p in parts]), sum((p[1] for p in parts), [])
         batch[key] = images.astype(np.float32) / 127.5 - 1.0
     if text_encoder is not None:
         batch["text_ids"], batch["text_mask"] = text_encoder.tokenize(texts)
@@ -98,14 +112,21 @@ def unreplicate(tree):
 # -----------------------------------------------------------------------------
 
 def make_optimizer(args):
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=args.lr, warmup_steps=args.warmup,
-        decay_steps=max(args.decay_steps, args.warmup + 1), end_value=args.lr * 0.1)
+    """AdamW without its learning rate: the train step multiplies the update by
+    -learning_rate(...) itself (optax.adamw is the same chain ending in that scaling), so the
+    cosine horizon is a runtime value that --time_limit can fit to the measured speed."""
     # weight decay on matrices only: decaying norm scales and biases towards 0 only hurts
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-    tx = optax.chain(optax.clip_by_global_norm(args.grad_clip),
-                     optax.adamw(schedule, b1=0.9, b2=0.99, weight_decay=args.weight_decay, mask=decay_mask))
-    return tx, schedule
+    return optax.chain(optax.clip_by_global_norm(args.grad_clip), optax.scale_by_adam(b1=0.9, b2=0.99),
+                       optax.add_decayed_weights(args.weight_decay, mask=decay_mask))
+
+
+def learning_rate(step, peak, warmup, horizon):
+    """Linear warm-up from 0 to `peak` over `warmup` steps, then cosine decay to peak / 10 at
+    step `horizon` (--decay_steps) and flat after it."""
+    t = jnp.clip((step - warmup) / jnp.maximum(horizon - warmup, 1), 0.0, 1.0)
+    cosine = peak * (0.1 + 0.45 * (1 + jnp.cos(jnp.pi * t)))
+    return jnp.where(step < warmup, peak * step / max(warmup, 1), cosine)
 
 
 # -----------------------------------------------------------------------------
@@ -246,7 +267,7 @@ def new_run(args):
         config["tokenizer"] = "byt5"
     config["t5"], consts["t5"] = asdict(enc.cfg), enc.params
     cfg = replace(muse.PRESETS[args.preset or "shapes"], codebook_size=out.codebook_size, grid=out.grid,
-                  text_dim=enc.cfg.d_model)
+                  text_dim=enc.cfg.d_model, text_length=args.text_length)
     if args.stage == "superres":
         cfg = replace(cfg, lowres_grid=lo.grid, lowres_codebook_size=lo.codebook_size)
     config["muse"] = asdict(cfg)
@@ -265,8 +286,8 @@ def read_tokenizer(path, flag, why):
 
 # Flags that define the optimisation trajectory: stored in the checkpoint and restored by
 # --resume, so a resumed run continues exactly (only --steps and the logging flags may change).
-RESUMED_ARGS = ("batch_size", "seed", "num_examples", "lr", "warmup", "decay_steps", "weight_decay", "grad_clip",
-                "disc_start", "preset")
+RESUMED_ARGS = ("batch_size", "seed", "num_examples", "holdout", "lr", "warmup", "decay_steps", "weight_decay",
+                "grad_clip", "disc_start", "preset")
 
 
 # -----------------------------------------------------------------------------
@@ -280,7 +301,35 @@ def save_checkpoint(workdir, state, consts, config, rng):
         "params": state["params"], "opt_state": serialization.to_state_dict(state["opt_state"]),
         "consts": {k: consts[k] for k in ("vqgan", "vqgan_hr", "t5") if k in consts}})
     payload["config"] = json.dumps(config)
-    path = os.path.join(workdir, CHECKPOINT)
+    write_atomically(os.path.join(workdir, CHECKPOINT), payload)
+
+
+def export(args):
+    """`train.py export --workdir RUN --out DIR`: a checkpoint to ship, for sampling only.
+
+    Drops the optimizer state (2/3 of a training checkpoint) and stores the float32 weights
+    in float16, which `sample.read_checkpoint` casts back: the demo's pipeline fits in a
+    few MB, and float16's 11-bit mantissa is far finer than anything visible in a sample.
+    """
+    ckpt = read_checkpoint(args.workdir)
+    if ckpt["config"]["stage"] not in ("base", "superres"):
+        fail(f"export: {args.workdir} is a {ckpt['config']['stage']!r} run; export base and superres runs "
+             "(they hold their tokenizers)")
+    if not args.out:
+        fail("export: pass --out DIR")
+    half = lambda x: x.astype(np.float16) if x.dtype == np.float32 else x
+    payload = {"step": ckpt["step"], "params": jax.tree.map(half, ckpt["params"]),
+               "consts": jax.tree.map(half, ckpt["consts"]), "config": json.dumps(ckpt["config"])}
+    os.makedirs(args.out, exist_ok=True)
+    write_atomically(os.path.join(args.out, CHECKPOINT), payload)
+    if ckpt["config"]["tokenizer"] != "byt5":   # a pretrained T5's tokenizer files travel with it
+        shutil.copytree(os.path.join(args.workdir, ckpt["config"]["tokenizer"]),
+                        os.path.join(args.out, ckpt["config"]["tokenizer"]), dirs_exist_ok=True)
+    size = os.path.getsize(os.path.join(args.out, CHECKPOINT)) / 2 ** 20
+    print(f"exported {args.workdir} (step {int(ckpt['step'])}) to {args.out}: {size:.1f} MB")
+
+
+def write_atomically(path, payload):
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         f.write(serialization.msgpack_serialize(payload))
@@ -320,7 +369,7 @@ def train(args):
         config, consts = new_run(args)
     setup = setup_vqgan(args, config) if args.stage == "vqgan" else setup_transformer(args, config, consts)
     consts = setup["consts"]
-    tx, schedule = make_optimizer(args)
+    tx = make_optimizer(args)
 
     rng = jax.random.PRNGKey(args.seed)
     params = jax.jit(setup["init"])(jax.random.fold_in(rng, 0))   # one compile, not one per layer
@@ -341,7 +390,7 @@ def train(args):
 
     loss_fn = setup["loss_fn"]
 
-    def train_step(state, consts, batch, rng):
+    def train_step(state, consts, batch, rng, horizon):
         step = state["step"]
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], consts, batch, rng, step)
         # each device saw a different slice of the batch: average the gradients (and the
@@ -349,39 +398,70 @@ def train(args):
         grads = jax.lax.pmean(grads, "batch")
         metrics = jax.lax.pmean(metrics, "batch")
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        metrics["lr"] = schedule(step)
+        metrics["lr"] = lr = learning_rate(step, args.lr, args.warmup, horizon)
+        updates = jax.tree.map(lambda u: -lr * u, updates)
         return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
                 "step": step + 1}, metrics
 
     p_step = jax.pmap(train_step, axis_name="batch", devices=devices, donate_argnums=(0,))
-    rep_state = replicate(state, n_dev)
+    # Through a pmapped identity over the same axis once, so that the state already has the
+    # placement the step's outputs have: pmap compiles per input placement (the axis name is
+    # part of it), and host arrays in the first call would compile the step a second time
+    # (tens of seconds) on the second call.
+    rep_state = jax.pmap(lambda x: x, axis_name="batch", devices=devices)(replicate(state, n_dev))
     rep_consts = replicate(consts, n_dev)
     rep_rng = replicate(rng, n_dev)
+    horizon = lambda: replicate(np.float32(args.decay_steps), n_dev)
+    rep_horizon = horizon()
     last_ckpt = start if args.resume else None  # step of the last checkpoint written (all finite)
 
+    # spawn, not fork: a forked child of a process that has started JAX can deadlock
+    workers = ProcessPoolExecutor(args.data_workers, mp_context=multiprocessing.get_context("spawn")) \
+        if args.data_workers else None
+
     def fetch(step):
-        return shard(host_batch(args, step, setup["resolutions"], setup["text_encoder"]), n_dev)
+        return shard(host_batch(args, step, setup["resolutions"], setup["text_encoder"], workers=workers), n_dev)
 
     metrics_file = open(os.path.join(args.workdir, "metrics.jsonl"), "a") if is_main else None
     pool = ThreadPoolExecutor(max_workers=1)    # renders the next batch while the device trains
     future = pool.submit(fetch, start)
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not is_main,
-               dynamic_ncols=True)
-    t_last, n_images = time.time(), 0
-    for step in bar:
+    bar = tqdm(initial=start, total=args.steps, disable=not is_main, dynamic_ncols=True)
+    t_begin = t_last = time.time()
+    n_images = 0
+    fits = [0.05, 0.2, 0.5] if args.time_limit else []  # fractions of --time_limit at which to fit the steps
+    max_steps = args.steps
+    step = start
+    while step < args.steps:
         batch = future.result()
         if step + 1 < args.steps:
             future = pool.submit(fetch, step + 1)
         if step == start and is_main:
             tqdm.write("compiling the train step (the first step takes a while)...")
         t0 = time.time()
-        rep_state, metrics = p_step(rep_state, rep_consts, batch, rep_rng)
+        rep_state, metrics = p_step(rep_state, rep_consts, batch, rep_rng, rep_horizon)
         metrics = {k: float(v[0]) for k, v in jax.device_get(metrics).items()}
-        if step == start and is_main:
-            tqdm.write(f"compiled and ran the first step in {time.time() - t0:.1f}s")
+        if step == start:
+            if is_main:
+                tqdm.write(f"compiled and ran the first step in {time.time() - t0:.1f}s")
             t_last, n_images = time.time(), 0
         else:
             n_images += args.batch_size
+        elapsed = time.time() - t_begin
+        if fits and n_images >= 20 * args.batch_size and elapsed >= fits[0] * args.time_limit:
+            # --time_limit: once the speed is known, set the run's length (and its cosine horizon,
+            # stored in the checkpoint so a resume follows it) to what fits in the time left, at
+            # most --steps; measured again later, as the first seconds run slower (data pool, caches)
+            rate = n_images / args.batch_size / (time.time() - t_last)            # steps / s
+            fit = min(max_steps, step + 1 + int(0.98 * rate * (args.time_limit - elapsed)))
+            if fit != args.steps:
+                args.steps = args.decay_steps = config["train"]["decay_steps"] = fit
+                rep_horizon, bar.total = horizon(), fit
+                if is_main:
+                    tqdm.write(f"--time_limit {args.time_limit:.0f}s: {rate:.1f} steps/s, training {fit} steps")
+            fits.pop(0)
+        if args.time_limit and elapsed > args.time_limit and step + 1 < args.steps:
+            args.steps = step + 1               # out of time: this is the last step (checkpointed below)
+        bar.update(1)
         if not np.isfinite(metrics["loss"]):
             bar.close()
             kept = f"the last good checkpoint is {ckpt_path} (step {last_ckpt})" if last_ckpt is not None \
@@ -401,8 +481,11 @@ def train(args):
             os.makedirs(os.path.join(args.workdir, "samples"), exist_ok=True)
             setup["sample_grid"](unreplicate(rep_state)["params"], consts,
                                  os.path.join(args.workdir, "samples", f"{done:06d}.png"))
+        step = done
     bar.close()
     pool.shutdown()
+    if workers:
+        workers.shutdown()
     if metrics_file:
         metrics_file.close()
     return unreplicate(jax.device_get(rep_state))
@@ -421,9 +504,11 @@ def truncate_metrics(workdir, step):
 def parse_args(argv=None):
     p = Parser(prog="train.py", description=__doc__.split("\n\n")[0],
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("stage", choices=["vqgan", "base", "superres"], help="which model to train")
+    p.add_argument("stage", choices=["vqgan", "base", "superres", "export"],
+                   help="which model to train (export: a trained run -> a small checkpoint for sampling)")
     p.add_argument("--data", default="shapes", choices=["shapes"], help="training data (shapes: built-in, SHAPES.md)")
     p.add_argument("--workdir", required=True, help="folder for checkpoint, metrics and samples")
+    p.add_argument("--out", default=None, help="export: the folder to write the small checkpoint to")
     p.add_argument("--steps", type=int, default=1000, help="total training steps (including resumed ones)")
     p.add_argument("--batch_size", type=int, default=64, help="global batch, split over all devices")
     p.add_argument("--seed", type=int, default=0, help="seeds the data, the init and the masking")
@@ -446,6 +531,12 @@ def parse_args(argv=None):
     p.add_argument("--log_every", type=int, default=10, help="write metrics.jsonl every N steps")
     p.add_argument("--ckpt_every", type=int, default=500, help="write the checkpoint every N steps")
     p.add_argument("--sample_every", type=int, default=500, help="write a sample grid every N steps (0: never)")
+    p.add_argument("--holdout", default="",
+                   help='shapes: comma-separated "colour shape" pairs never drawn in relations (held-out test)')
+    p.add_argument("--time_limit", type=float, default=0,
+                   help="seconds: fit --steps (and the cosine horizon) to this wall time after measuring the speed")
+    p.add_argument("--data_workers", type=int, default=0,
+                   help="processes rendering the data (0: one background thread; use several to feed a GPU)")
     p.add_argument("--num_devices", type=int, default=None, help="use the first N local devices (default: all)")
     p.add_argument("--multihost", action="store_true", help="call jax.distributed.initialize() (TPU pods)")
     args = p.parse_args(argv)
@@ -456,6 +547,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.stage == "export":
+        return export(args)
     if args.multihost:
         jax.distributed.initialize()
     return train(args)
