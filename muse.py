@@ -270,6 +270,11 @@ class MuseConfig:
     lowres_grid: int = 0           # side of the low-res token grid (0: a base model)
     lowres_codebook_size: int = 0  # K of the low-res tokenizer
     lowres_depth: int = 2          # self-attention layers over the low-res tokens
+    # compute dtype, "float32" or "bfloat16": mixed precision with float32 master weights.
+    # The params stay float32 (Flax's param_dtype default) and are cast to this dtype inside
+    # each layer; layer norms reduce in float32 and the logits come back as float32, so the
+    # softmax, the loss and the optimizer never see bfloat16.
+    dtype: str = "float32"
 
     @property
     def mask_id(self) -> int:
@@ -290,6 +295,21 @@ PRESETS = {
     # the two configurations of the speed issue (issue 6), against muse-maskgit-pytorch
     "small": MuseConfig(codebook_size=512, grid=8, width=256, depth=4, heads=4, head_dim=64, text_dim=256),
     "medium": MuseConfig(codebook_size=512, grid=16, width=512, depth=8, heads=4, head_dim=64, text_dim=256),
+    # Paper-scale models (§3: a 632M-parameter base transformer and a 3B one; 8192 codes,
+    # a 16x16 grid at 256 px, T5-XXL's 4096-wide embeddings), for speed and MFU measurements
+    # on accelerators (`train.py base --benchmark base`). The paper's appendix table with their
+    # exact depth and width could not be looked up here, so these are chosen so that the
+    # analytic count matches: a block holds 16 D^2 weights (self-attention 4 D^2,
+    # cross-attention 4 D^2 since the text is projected to D first, MLP 8 D^2), so
+    #   base:  36 blocks at D = 1024:  36 * 16.8M + embeddings, text projection, head = 625.8M
+    #   large: 48 blocks at D = 2048:  48 * 67.1M + ...                                   = 3.26B
+    # (exact counts from `jax.eval_shape` of the init, text_length 64). Training "large" in
+    # float32 master weights with AdamW needs ~16 bytes per parameter (params, two moments,
+    # gradients), ~52 GB before activations and temporaries: more than the 75% of an 80 GB
+    # H100 that JAX takes by default may be needed (XLA_PYTHON_CLIENT_MEM_FRACTION=0.95), or an
+    # H200. (Not yet run on a GPU.)
+    "base": MuseConfig(codebook_size=8192, grid=16, width=1024, depth=36, heads=16, head_dim=64, text_dim=4096),
+    "large": MuseConfig(codebook_size=8192, grid=16, width=2048, depth=48, heads=32, head_dim=64, text_dim=4096),
 }
 
 
@@ -297,15 +317,17 @@ class Attention(nn.Module):
     """Multi-head attention of x over ctx (self-attention when ctx is x)."""
     heads: int
     head_dim: int
+    dtype: str = "float32"                        # compute dtype (MuseConfig.dtype)
 
     @nn.compact
     def __call__(self, x, ctx, ctx_mask=None):    # x (B, N, D), ctx (B, M, D'), ctx_mask bool (B, M)
-        proj = lambda name: nn.DenseGeneral((self.heads, self.head_dim), use_bias=False, name=name)
+        proj = lambda name: nn.DenseGeneral((self.heads, self.head_dim), use_bias=False, name=name,
+                                            dtype=self.dtype)
         q, k, v = proj("q")(x), proj("k")(ctx), proj("v")(ctx)                           # (B, *, H, dh)
         mask = None if ctx_mask is None else ctx_mask[:, None, None, :]                 # (B, 1, 1, M)
         # scaled dot-product softmax attention; on GPUs jax picks cuDNN's fused kernel
         o = jax.nn.dot_product_attention(q, k, v, mask=mask)                            # (B, N, H, dh)
-        return nn.DenseGeneral(x.shape[-1], axis=(-2, -1), name="o")(o)                 # (B, N, D)
+        return nn.DenseGeneral(x.shape[-1], axis=(-2, -1), name="o", dtype=self.dtype)(o)  # (B, N, D)
 
 
 class Block(nn.Module):
@@ -315,14 +337,15 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, ctx=None, ctx_mask=None):  # x (B, N, D), ctx (B, L, D), ctx_mask (B, L)
         c = self.cfg
-        h = nn.LayerNorm(name="norm_self")(x)
-        x = x + Attention(c.heads, c.head_dim, name="self_attn")(h, h)
+        # (the norms reduce in float32 whatever the dtype; their output is in c.dtype)
+        h = nn.LayerNorm(name="norm_self", dtype=c.dtype)(x)
+        x = x + Attention(c.heads, c.head_dim, c.dtype, name="self_attn")(h, h)
         if ctx is not None:                      # (the super-res model's low-res encoder has no context)
             # every image token reads the prompt; padding tokens of the prompt are masked out
-            x = x + Attention(c.heads, c.head_dim, name="cross_attn")(nn.LayerNorm(name="norm_cross")(x),
-                                                                      ctx, ctx_mask)
-        h = nn.Dense(c.mlp_ratio * c.width, name="mlp_in")(nn.LayerNorm(name="norm_mlp")(x))
-        return x + nn.Dense(c.width, name="mlp_out")(nn.gelu(h))                         # (B, N, D)
+            x = x + Attention(c.heads, c.head_dim, c.dtype, name="cross_attn")(
+                nn.LayerNorm(name="norm_cross", dtype=c.dtype)(x), ctx, ctx_mask)
+        h = nn.Dense(c.mlp_ratio * c.width, name="mlp_in", dtype=c.dtype)(nn.LayerNorm(name="norm_mlp", dtype=c.dtype)(x))
+        return x + nn.Dense(c.width, name="mlp_out", dtype=c.dtype)(nn.gelu(h))         # (B, N, D)
 
 
 class MaskedTransformer(nn.Module):
@@ -339,27 +362,79 @@ class MaskedTransformer(nn.Module):
         # ids (B, N), text_emb (B, L, Dt), text_mask (B, L), lowres_ids (B, Nlo) for super-res
         c = self.cfg
         init = nn.initializers.normal(0.02)
-        x = nn.Embed(c.codebook_size + 1, c.width, embedding_init=init, name="tok_emb")(ids)   # (B, N, D)
-        x = x + self.param("pos_emb", init, (c.num_tokens, c.width))                          # learned positions
+        # The learned positions are float32 params: cast them to the compute dtype, or adding
+        # them to bfloat16 activations would promote the whole residual stream to float32.
+        # (Dense, DenseGeneral and Embed cast their inputs and params to `dtype` themselves,
+        # so the float32 T5 embeddings become bfloat16 inside text_proj.)
+        pos = lambda name, shape: self.param(name, init, shape).astype(c.dtype)
+        x = nn.Embed(c.codebook_size + 1, c.width, embedding_init=init, name="tok_emb",
+                     dtype=c.dtype)(ids)                                                     # (B, N, D)
+        x = x + pos("pos_emb", (c.num_tokens, c.width))                                      # learned positions
         # the paper projects the T5 embeddings to the transformer's width (§2.2)
-        ctx = nn.Dense(c.width, name="text_proj")(text_emb)                                  # (B, L, D)
+        ctx = nn.Dense(c.width, name="text_proj", dtype=c.dtype)(text_emb)                    # (B, L, D)
         # Departure: learned positions on the projected text. A pretrained T5 already encodes
         # word order, but the offline default is a small *random* frozen T5 whose relative
         # position bias is near zero, so "a red circle above a blue square" and "a blue circle
         # above a red square" would reach the transformer as nearly the same bag of bytes.
-        ctx = ctx + self.param("text_pos_emb", init, (c.text_length, c.width))[:ctx.shape[1]]
+        ctx = ctx + pos("text_pos_emb", (c.text_length, c.width))[:ctx.shape[1]]
         ctx_mask = text_mask
         if c.lowres_grid:
-            lo = nn.Embed(c.lowres_codebook_size, c.width, embedding_init=init, name="lowres_emb")(lowres_ids)
-            lo = lo + self.param("lowres_pos_emb", init, (c.lowres_grid ** 2, c.width))       # (B, Nlo, D)
+            lo = nn.Embed(c.lowres_codebook_size, c.width, embedding_init=init, name="lowres_emb",
+                          dtype=c.dtype)(lowres_ids)
+            lo = lo + pos("lowres_pos_emb", (c.lowres_grid ** 2, c.width))                     # (B, Nlo, D)
             for i in range(c.lowres_depth):
                 lo = Block(c, name=f"lowres_block_{i}")(lo)
-            ctx = jnp.concatenate([ctx, nn.LayerNorm(name="lowres_norm")(lo)], axis=1)       # (B, L + Nlo, D)
+            ctx = jnp.concatenate([ctx, nn.LayerNorm(name="lowres_norm", dtype=c.dtype)(lo)], axis=1)  # (B, L + Nlo, D)
             ctx_mask = jnp.concatenate([text_mask, jnp.ones(lo.shape[:2], bool)], axis=1)
         for i in range(c.depth):
             x = Block(c, name=f"block_{i}")(x, ctx, ctx_mask)
-        x = nn.LayerNorm(name="norm_out")(x)
-        return nn.Dense(c.codebook_size, name="head")(x)                                     # (B, N, K)
+        x = nn.LayerNorm(name="norm_out", dtype=c.dtype)(x)
+        # float32 logits whatever the compute dtype: the loss's log-softmax and the decoder's
+        # sampling and confidences should not round to bfloat16's 8-bit mantissa
+        return nn.Dense(c.codebook_size, name="head", dtype=c.dtype)(x).astype(jnp.float32)  # (B, N, K)
+
+
+def transformer_flops(cfg: MuseConfig, batch: int, text_length: int) -> int:
+    """Analytic FLOPs of ONE forward pass of MaskedTransformer on `batch` examples.
+
+    A matmul of (m, k) by (k, n) counts 2*m*n*k (one multiply and one add per term). With
+    N = cfg.num_tokens image tokens, M = text_length (+ Nlo low-res tokens for super-res)
+    context tokens, I = H * dh, the counted matmuls are, per example:
+      - text projection                         2 * L * Dt * D
+      - each of the `depth` blocks:
+          self-attention  q, k, v, o            4 * 2 * N * D * I
+                          scores and sum        2 * 2 * N * N * I  (QK^T, then weights @ V)
+          cross-attention q, o                  2 * 2 * N * D * I
+                          k, v (over the ctx)   2 * 2 * M * D * I
+                          scores and sum        2 * 2 * N * M * I
+          MLP             in, out               2 * 2 * N * D * (mlp_ratio * D)
+      - the output head                         2 * N * D * K
+      - super-res only (lowres_grid > 0): `lowres_depth` blocks of self-attention and MLP
+        over the Nlo low-res tokens (no cross-attention), as above with N -> Nlo.
+    Not counted: embedding lookups (gathers), layer norms, softmax, GELU, biases, residual
+    adds, masking: all elementwise, a few percent at most for these widths (test_muse.py
+    checks the total against XLA's own count). A training step (forward + backward: the
+    backward pass computes two matmuls per forward matmul, one for the gradient of the
+    activations and one for the weights) is 3x this.
+    """
+    c = cfg
+    D, I, F = c.width, c.heads * c.head_dim, c.mlp_ratio * c.width
+    N, L = c.num_tokens, text_length
+
+    def block(n, m):                            # n query tokens; m context tokens (0: no cross-attention)
+        flops = 4 * 2 * n * D * I + 2 * 2 * n * n * I + 2 * 2 * n * D * F
+        if m:
+            flops += 2 * 2 * n * D * I + 2 * 2 * m * D * I + 2 * 2 * n * m * I
+        return flops
+
+    flops = 2 * L * c.text_dim * D + 2 * N * D * c.codebook_size
+    M = L
+    if c.lowres_grid:
+        n_lo = c.lowres_grid ** 2
+        flops += c.lowres_depth * block(n_lo, 0)
+        M = L + n_lo
+    flops += c.depth * block(N, M)
+    return batch * flops
 
 
 # -----------------------------------------------------------------------------

@@ -19,6 +19,7 @@ whose scale ramps linearly up to --guidance; --negative replaces the empty promp
 unconditional pass with a prompt to steer away from.
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -26,7 +27,7 @@ import re
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import jax
@@ -234,13 +235,50 @@ def encode_image(stage, image):
     return np.asarray(vqgan.encode_jit(stage.vq, stage.vq_params, image[None])).reshape(1, -1)
 
 
-def benchmark(preset, batch=8, steps=24, text_length=32, repeats=5):
+# Dense bfloat16 matmul peaks (no sparsity) in TFLOP/s, by a substring of jax's device_kind,
+# from the vendors' datasheets (H100 / H200 SXM: 989; A100: 312; TPU v4: 275; v5e: 197;
+# v5p: 459). The same figure is used whatever --dtype is: MFU is quoted against the
+# bfloat16 peak, so a float32 run shows how much it leaves on the table. First match wins,
+# so "v5p" is listed before the v5e spellings.
+PEAK_TFLOPS = (("H100", 989.0), ("H200", 989.0), ("A100", 312.0), ("TPU v4", 275.0),
+               ("TPU v5p", 459.0), ("TPU v5 lite", 197.0), ("v5e", 197.0))
+
+
+@functools.lru_cache(maxsize=None)
+def peak_flops():
+    """-> (FLOP/s, where the figure comes from) of the first device, the denominator of MFU.
+
+    A known accelerator gets its datasheet bfloat16 peak (PEAK_TFLOPS). Anything else (a
+    CPU, an unknown GPU) gets a measurement: the median of several 2048x2048 float32
+    matmuls, a practical ceiling for the dense work a training step is made of. Cached, so
+    train.py and sample.py measure at most once per process.
+    """
+    device = jax.devices()[0]
+    for name, tflops in PEAK_TFLOPS:
+        if name in device.device_kind:
+            return tflops * 1e12, f"datasheet bf16 dense peak of {name}"
+    n = 2048
+    a = jax.device_put(jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32), device)
+    matmul = jax.jit(lambda x: x @ x)
+    jax.block_until_ready(matmul(a))            # compile
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        jax.block_until_ready(matmul(a))
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(times), f"measured {n}x{n} float32 matmul on {device.device_kind}"
+
+
+def benchmark(preset, batch=8, steps=24, text_length=32, repeats=5, dtype="float32"):
     """Time sampling with random weights (no checkpoint needed); returns a dict for JSON.
 
     Reports the time of one guided forward (conditional + unconditional as one doubled
-    batch) beside the time per decoding step, so the decode loop's own overhead shows.
+    batch) beside the time per decoding step, so the decode loop's own overhead shows, and
+    the analytic FLOPs of the work (muse.transformer_flops: each decoding step is one
+    forward over the doubled batch) against the device's peak (peak_flops). dtype: the
+    transformer's compute dtype ("float32" or "bfloat16"; the weights stay float32).
     """
-    cfg = muse.PRESETS[preset]
+    cfg = replace(muse.PRESETS[preset], dtype=dtype)
     model = muse.MaskedTransformer(cfg)
     rng = jax.random.PRNGKey(0)
     ctx = jax.random.normal(rng, (batch, text_length, cfg.text_dim))
@@ -262,11 +300,17 @@ def benchmark(preset, batch=8, steps=24, text_length=32, repeats=5):
     forward = jax.jit(muse.guided_logits, static_argnames="model")
     t_fwd, _ = timed(lambda: forward(model, params, ids, ctx, mask, ctx, mask, 3.0))
     t_batch, compile_s = timed(lambda: muse.decode_jit(model, params, ctx, mask, ctx, mask, rng, steps=steps)[0])
-    return {"preset": preset, "batch": batch, "steps": steps, "images_per_sec": batch / t_batch,
+    flop_step = muse.transformer_flops(cfg, 2 * batch, text_length)     # guidance doubles the batch
+    achieved = steps * flop_step / t_batch                               # FLOP/s over the whole decode
+    peak, peak_source = peak_flops()
+    return {"preset": preset, "dtype": dtype, "batch": batch, "steps": steps, "images_per_sec": batch / t_batch,
             "sec_per_batch": t_batch, "ms_per_step": 1e3 * t_batch / steps, "ms_per_forward": 1e3 * t_fwd,
             "loop_overhead": t_batch / (steps * t_fwd) - 1, "compile_s": compile_s,
             "params": sum(x.size for x in jax.tree.leaves(params)),
-            "backend": jax.default_backend(), "devices": jax.device_count()}
+            "gflop_per_step": flop_step / 1e9, "gflop_per_batch": steps * flop_step / 1e9,
+            "achieved_tflops": achieved / 1e12, "peak_tflops": peak / 1e12, "mfu": achieved / peak,
+            "peak_source": peak_source, "backend": jax.default_backend(),
+            "device_kind": jax.devices()[0].device_kind, "devices": jax.device_count()}
 
 
 # -----------------------------------------------------------------------------
@@ -539,6 +583,8 @@ def parse_args(argv=None):
                         "with --outdir, also write the images and results.jsonl there")
     p.add_argument("--benchmark", nargs="?", const="small", default=None, choices=sorted(muse.PRESETS),
                    help="time sampling of a preset with random weights and print one JSON line")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="--benchmark: the transformer's compute dtype (weights stay float32)")
     args = p.parse_args(argv)
     if args.guidance is None:
         args.guidance = 4.0 if args.edit else 3.0
@@ -623,7 +669,7 @@ def run(args, base, sr, prompts, seed):
 def main(argv=None):
     args = parse_args(argv)
     if args.benchmark:
-        print(json.dumps(benchmark(args.benchmark)))
+        print(json.dumps(benchmark(args.benchmark, dtype=args.dtype)))
         return
     if args.prompts_file:
         try:

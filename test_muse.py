@@ -7,7 +7,8 @@ straight-through gradient; T5 parity with transformers' PyTorch T5EncoderModel (
 gated-GELU, with padding; skipped without torch); the masking distribution; the decoding
 schedule and its invariants (each token revealed once, known tokens kept, counts as
 scheduled); guidance 0 = the conditional model; pmap on 4 devices = 1 device; checkpoint
-round trip and exact resume; tiny overfits of both stages; NaN guard; CLI behaviour.
+round trip and exact resume; tiny overfits of both stages; NaN guard; analytic FLOPs against
+XLA's count; bfloat16 against float32; the benchmarks' JSON; CLI behaviour.
 """
 import os
 
@@ -345,6 +346,45 @@ def test_masked_transformer_shapes_and_text_padding():
     assert float(jnp.abs(model.apply({"params": params}, ids, ctx3, ctx_mask) - logits).max()) > 1e-4
 
 
+@pytest.mark.parametrize("lowres", [False, True])
+def test_transformer_flops_match_xlas_count(lowres):
+    # XLA counts every op (norms, softmax, GELU too) while transformer_flops counts matmuls
+    # only, so the analytic figure should sit a few percent below XLA's (measured: ~3.5%)
+    cfg = muse.PRESETS["tiny"]
+    if lowres:
+        cfg = replace(cfg, lowres_grid=2, lowres_codebook_size=32)
+    B, L = 2, 8
+    model = muse.MaskedTransformer(cfg)
+    ids = jnp.zeros((B, cfg.num_tokens), jnp.int32)
+    ctx, ctx_mask = jnp.zeros((B, L, cfg.text_dim)), jnp.ones((B, L), bool)
+    lo = jnp.zeros((B, cfg.lowres_grid ** 2), jnp.int32) if lowres else None
+    params = model.init(jax.random.PRNGKey(0), ids, ctx, ctx_mask, lo)["params"]
+    cost = jax.jit(model.apply).lower({"params": params}, ids, ctx, ctx_mask, lo).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost     # older jax: one dict per program
+    ours = muse.transformer_flops(cfg, B, L)
+    assert 0.85 < ours / cost["flops"] <= 1.0, (ours, cost["flops"])
+    # linear in the batch
+    assert muse.transformer_flops(cfg, 2 * B, L) == 2 * ours
+
+
+def test_bfloat16_forward_matches_float32_and_keeps_float32_params():
+    cfg, model, params, ids, ctx, ctx_mask = _tiny_muse()
+    model16 = muse.MaskedTransformer(replace(cfg, dtype="bfloat16"))
+    params16 = model16.init(jax.random.PRNGKey(0), ids, ctx, ctx_mask)["params"]
+    # mixed precision: the same float32 master weights, whatever the compute dtype
+    assert jax.tree.structure(params16) == jax.tree.structure(params)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params16))
+    ref = model.apply({"params": params}, ids, ctx, ctx_mask)
+    out = model16.apply({"params": params}, ids, ctx, ctx_mask)
+    assert out.dtype == jnp.float32 and out.shape == ref.shape   # logits come back in float32
+    # bfloat16 keeps 8 mantissa bits (~0.4% relative); two blocks of rounding stay well
+    # under 5% of the logits' scale
+    scale = float(jnp.abs(ref).max())
+    assert float(jnp.abs(out - ref).max()) < 0.05 * scale, (float(jnp.abs(out - ref).max()), scale)
+    # ... but it did run in bfloat16: not bit-identical to float32
+    assert float(jnp.abs(out - ref).max()) > 0
+
+
 def test_random_mask_rate_follows_the_cosine_distribution():
     N = 64
     masks = jax.vmap(muse.random_mask, in_axes=(0, None))(jax.random.split(jax.random.PRNGKey(0), 4000), N)
@@ -665,6 +705,54 @@ def test_sample_benchmark_reports_its_figures():
     for key in ("images_per_sec", "ms_per_step", "ms_per_forward", "steps", "loop_overhead", "compile_s"):
         assert key in out and np.isfinite(out[key]), key
     assert out["steps"] == 3 and out["ms_per_step"] > 0
+
+
+def test_sample_benchmark_reports_flops_against_the_peak():
+    out = sample.benchmark("tiny", batch=2, steps=3, repeats=1, dtype="bfloat16")
+    cfg = muse.PRESETS["tiny"]
+    assert out["dtype"] == "bfloat16"
+    assert out["gflop_per_step"] == pytest.approx(muse.transformer_flops(cfg, 4, 32) / 1e9)   # doubled batch
+    assert out["gflop_per_batch"] == pytest.approx(3 * out["gflop_per_step"])
+    assert out["mfu"] == pytest.approx(out["achieved_tflops"] / out["peak_tflops"])
+    assert out["peak_tflops"] > 0 and out["achieved_tflops"] > 0
+
+
+def test_train_benchmark_prints_one_json_line(capsys):
+    train.main(["base", "--benchmark", "tiny", "--batch_size", "2", "--text_length", "8", "--bench_steps", "2",
+                "--dtype", "bfloat16"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    out = json.loads(lines[0])
+    assert (out["preset"], out["dtype"], out["batch"], out["text_length"]) == ("tiny", "bfloat16", 2, 8)
+    for key in ("params", "sec_per_step", "compile_s", "images_per_sec", "tokens_per_sec", "gflop_per_step",
+                "achieved_tflops", "peak_tflops", "mfu"):
+        assert np.isfinite(out[key]) and out[key] > 0, key
+    for key in ("backend", "device_kind", "devices"):
+        assert key in out, key
+    cfg = muse.PRESETS["tiny"]
+    assert out["gflop_per_step"] == pytest.approx(3 * muse.transformer_flops(cfg, 2, 8) / 1e9)
+    assert out["mfu"] == pytest.approx(out["achieved_tflops"] / out["peak_tflops"])
+    assert out["tokens_per_sec"] == pytest.approx(out["images_per_sec"] * cfg.num_tokens)
+    # an explicit peak replaces the measured one, in either unit
+    train.main(["base", "--benchmark", "tiny", "--batch_size", "2", "--text_length", "8", "--bench_steps", "1",
+                "--peak_gflops", "500"])
+    assert json.loads(capsys.readouterr().out)["peak_tflops"] == pytest.approx(0.5)
+
+
+def test_train_benchmark_defaults_and_errors(capsys):
+    args = train.parse_args(["base", "--benchmark", "small"])
+    assert (args.batch_size, args.text_length, args.workdir) == (8, 32, None)
+    assert train.parse_args(["base", "--benchmark", "large"]).batch_size == 16
+    assert train.parse_args(["base", "--benchmark", "base", "--batch_size", "4"]).batch_size == 4
+    args = train.parse_args(["base", "--workdir", "w"])         # training keeps its defaults
+    assert (args.batch_size, args.text_length) == (64, 64)
+    for argv, message in ((["base"], "--workdir"), (["vqgan", "--benchmark", "tiny"], "base model"),
+                          (["base", "--benchmark", "tiny", "--peak_tflops", "1", "--peak_gflops", "1"], "not both")):
+        with pytest.raises(SystemExit) as e:
+            train.parse_args(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
 
 
 @pytest.mark.parametrize("argv,code,message", [

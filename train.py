@@ -5,6 +5,7 @@
     python train.py base     --data shapes --workdir runs/base  --steps 1500 --batch_size 32 --vqgan runs/vq
     python train.py vqgan    --data shapes --workdir runs/vq64  --preset shapes_hr --lr 1e-3
     python train.py superres --data shapes --workdir runs/sr    --vqgan runs/vq --vqgan_hr runs/vq64
+    python train.py base --benchmark small [--dtype bfloat16]   # step time, FLOPs and MFU: one JSON line
 
 Runs on one CPU, on every local device of a GPU/TPU host, and on multi-host TPU pods (see
 "Multi-host" below). Each run writes into --workdir:
@@ -33,6 +34,7 @@ import os
 import time
 import multiprocessing
 import shutil
+import statistics
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, replace
 
@@ -47,7 +49,7 @@ import muse
 import shapes
 import vqgan
 from sample import (read_checkpoint, load_text_encoder, generate_ids, ids_to_images, save_grid, fail,
-                    Parser)   # (sample.py also sets a PRNG flag)
+                    Parser, peak_flops)   # (sample.py also sets a PRNG flag)
 
 CHECKPOINT = "checkpoint.msgpack"
 SAMPLE_PROMPTS = ["a red circle", "a large blue square", "a green triangle on the left",
@@ -491,6 +493,94 @@ def train(args):
     return unreplicate(jax.device_get(rep_state))
 
 
+# -----------------------------------------------------------------------------
+# The training-step benchmark: `train.py base --benchmark PRESET`
+# -----------------------------------------------------------------------------
+
+# benchmark batch when --batch_size is not given: the issue-6 configurations use 8; the
+# paper-scale presets get a batch that keeps an H100 busy and fits its 80 GB
+BENCHMARK_BATCH = {"base": 64, "large": 16}
+
+
+def benchmark(args):
+    """Time the base model's real train step on random inputs; returns a dict for JSON.
+
+    Random weights, random token ids (B, N) in [0, K), random text embeddings (B, L, Dt) with
+    an all-true mask: no checkpoint, tokenizer, VQGAN or T5, so only the masked transformer's
+    step is timed (in training, the frozen VQGAN and T5 also run inside the step). The step
+    is the one train() runs: muse.masked_token_loss, make_optimizer's AdamW and the
+    -learning_rate(...) scaling, jitted with the state donated. It runs on the first local
+    device only (no pmap: per-device speed is what MFU is about; several devices would only
+    add the gradient all-reduce). The same batch is fed every step.
+
+    FLOPs are analytic: 3 x muse.transformer_flops (forward + backward, the backward
+    costing two matmuls per forward matmul), so the MFU is that of the model's matmuls,
+    not of whatever else XLA runs. sec_per_step is the median of --bench_steps steps after
+    one compiling step (timed separately as compile_s).
+    """
+    cfg = replace(muse.PRESETS[args.benchmark], dtype=args.dtype, text_length=args.text_length)
+    model = muse.MaskedTransformer(cfg)
+    B, L, N = args.batch_size, args.text_length, cfg.num_tokens
+    device = jax.local_devices()[0]
+    r_ids, r_emb, r_init, rng = jax.random.split(jax.random.PRNGKey(args.seed), 4)
+    ids = jax.random.randint(r_ids, (B, N), 0, cfg.codebook_size, jnp.int32)                # (B, N)
+    emb = jax.random.normal(r_emb, (B, L, cfg.text_dim), jnp.float32)                       # (B, L, Dt)
+    mask = jnp.ones((B, L), bool)                                                           # (B, L)
+    # the empty prompt of classifier-free guidance: zeros with its one </s> token unmasked
+    empty_emb, empty_mask = jnp.zeros((L, cfg.text_dim)), jnp.arange(L) == 0                # (L, Dt), (L,)
+    batch = jax.device_put({"ids": ids, "emb": emb, "mask": mask}, device)
+
+    tx = make_optimizer(args)
+    params = jax.jit(model.init)(r_init, ids[:1], emb[:1], mask[:1])["params"]
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
+    state = jax.device_put(state, device)
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+
+    def train_step(state, batch, rng):
+        step = state["step"]
+        step_key = jax.random.fold_in(rng, step)
+        keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(jnp.arange(B))          # one key per example
+
+        def loss_fn(params):
+            loss, _ = muse.masked_token_loss(model, params, batch["ids"], batch["emb"], batch["mask"],
+                                             empty_emb, empty_mask, keys)
+            return loss.mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        lr = learning_rate(step, args.lr, args.warmup, args.decay_steps)
+        updates = jax.tree.map(lambda u: -lr * u, updates)
+        return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
+                "step": step + 1}, loss
+
+    step_fn = jax.jit(train_step, donate_argnums=(0,))
+    t0 = time.perf_counter()
+    state, loss = jax.block_until_ready(step_fn(state, batch, rng))
+    compile_s = time.perf_counter() - t0        # the first call compiles, then runs one step
+    times = []
+    for _ in range(args.bench_steps):
+        t0 = time.perf_counter()
+        state, loss = jax.block_until_ready(step_fn(state, batch, rng))
+        times.append(time.perf_counter() - t0)
+    if not np.isfinite(float(loss)):
+        fail(f"--benchmark: loss is {float(loss)} after {args.bench_steps + 1} steps")
+    sec = statistics.median(times)
+    flop_step = 3 * muse.transformer_flops(cfg, B, L)
+    if args.peak_tflops is not None:
+        peak, peak_source = args.peak_tflops * 1e12, "--peak_tflops"
+    elif args.peak_gflops is not None:
+        peak, peak_source = args.peak_gflops * 1e9, "--peak_gflops"
+    else:
+        peak, peak_source = peak_flops()
+    achieved = flop_step / sec
+    return {"preset": args.benchmark, "dtype": args.dtype, "batch": B, "text_length": L, "params": n_params,
+            "sec_per_step": sec, "compile_s": compile_s, "images_per_sec": B / sec,
+            "tokens_per_sec": B * N / sec, "gflop_per_step": flop_step / 1e9,
+            "achieved_tflops": achieved / 1e12, "peak_tflops": peak / 1e12, "mfu": achieved / peak,
+            "peak_source": peak_source, "loss": float(loss), "backend": jax.default_backend(),
+            "device_kind": device.device_kind, "devices": jax.local_device_count()}
+
+
 def truncate_metrics(workdir, step):
     """On resume, drop logged steps past the checkpoint: they will be logged again."""
     path = os.path.join(workdir, "metrics.jsonl")
@@ -507,10 +597,14 @@ def parse_args(argv=None):
     p.add_argument("stage", choices=["vqgan", "base", "superres", "export"],
                    help="which model to train (export: a trained run -> a small checkpoint for sampling)")
     p.add_argument("--data", default="shapes", choices=["shapes"], help="training data (shapes: built-in, SHAPES.md)")
-    p.add_argument("--workdir", required=True, help="folder for checkpoint, metrics and samples")
+    p.add_argument("--workdir", default=None, help="folder for checkpoint, metrics and samples (required "
+                   "unless --benchmark)")
     p.add_argument("--out", default=None, help="export: the folder to write the small checkpoint to")
     p.add_argument("--steps", type=int, default=1000, help="total training steps (including resumed ones)")
-    p.add_argument("--batch_size", type=int, default=64, help="global batch, split over all devices")
+    # default None, so that --benchmark can tell a batch asked for from the default
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="global batch, split over all devices (default 64; --benchmark: 64 for the base "
+                        "preset, 16 for large, 8 otherwise)")
     p.add_argument("--seed", type=int, default=0, help="seeds the data, the init and the masking")
     p.add_argument("--num_examples", type=int, default=0,
                    help="shapes: a finite training set of N scenes (0: a new scene every time)")
@@ -525,7 +619,8 @@ def parse_args(argv=None):
     p.add_argument("--vqgan_hr", default=None, help="superres: workdir of the high-resolution tokenizer")
     p.add_argument("--text_encoder", default=None,
                    help="base: transformers T5 folder or hub name (default: offline ByT5 tokenizer + small random T5)")
-    p.add_argument("--text_length", type=int, default=64, help="prompt length in tokens (padded / truncated)")
+    p.add_argument("--text_length", type=int, default=None,
+                   help="prompt length in tokens, padded / truncated (default 64; --benchmark: 32)")
     p.add_argument("--adv_weight", type=float, default=None, help="vqgan: adversarial weight (paper: 0.1; default: preset)")
     p.add_argument("--disc_start", type=int, default=1000, help="vqgan: step at which the adversarial loss starts")
     p.add_argument("--log_every", type=int, default=10, help="write metrics.jsonl every N steps")
@@ -539,7 +634,35 @@ def parse_args(argv=None):
                    help="processes rendering the data (0: one background thread; use several to feed a GPU)")
     p.add_argument("--num_devices", type=int, default=None, help="use the first N local devices (default: all)")
     p.add_argument("--multihost", action="store_true", help="call jax.distributed.initialize() (TPU pods)")
+    p.add_argument("--benchmark", default=None, choices=sorted(muse.PRESETS),
+                   help="base: time the train step of this preset with random weights and data on one "
+                        "device, print one JSON line (step time, analytic FLOPs, MFU) and exit")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="--benchmark: the transformer's compute dtype (weights and optimizer stay float32)")
+    p.add_argument("--bench_steps", type=int, default=10, help="--benchmark: timed steps (after one compiling step)")
+    p.add_argument("--peak_tflops", type=float, default=None,
+                   help="--benchmark: the device's peak for MFU (default: the datasheet bf16 peak of a known "
+                        "GPU/TPU, whatever --dtype; on a CPU or unknown device a measured float32 matmul)")
+    p.add_argument("--peak_gflops", type=float, default=None, help="--benchmark: the same peak in GFLOP/s")
     args = p.parse_args(argv)
+    if args.benchmark:
+        if args.stage != "base":
+            p.error(f"--benchmark times the base model's train step: run `train.py base --benchmark "
+                    f"{args.benchmark}`, not {args.stage}")
+        if args.peak_tflops is not None and args.peak_gflops is not None:
+            p.error("give --peak_tflops or --peak_gflops, not both")
+        if args.batch_size is None:
+            args.batch_size = BENCHMARK_BATCH.get(args.benchmark, 8)
+        if args.text_length is None:
+            args.text_length = 32
+        if min(args.batch_size, args.text_length, args.bench_steps) < 1:
+            p.error("--batch_size, --text_length and --bench_steps must be at least 1")
+    elif not args.workdir:
+        p.error("the following arguments are required: --workdir (unless --benchmark)")
+    if args.batch_size is None:
+        args.batch_size = 64
+    if args.text_length is None:
+        args.text_length = 64
     if args.decay_steps is None:
         args.decay_steps = args.steps
     return args
@@ -547,6 +670,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.benchmark:
+        print(json.dumps(benchmark(args)))
+        return
     if args.stage == "export":
         return export(args)
     if args.multihost:
