@@ -19,7 +19,7 @@ runs=${2:?usage: train_demo.sh gpu|cpu|test RUNS}
 common=(--data shapes --holdout "purple triangle,yellow square" --sample_every 0 --log_every 50 --ckpt_every 2000)
 case $mode in
   #          vq steps/batch/s  transformer steps, base batch, sr batch, s   data workers
-  gpu)  vq=(20000 128 130)     tr=(40000 256 128 300)  workers=7 ;;
+  gpu)  vq=(20000 128 110)     tr=(40000 256 128 300)  workers=7 ;;
   cpu)  vq=(3000 16 1200)      tr=(6000 32 16 2400)    workers=0 ;;
   test) vq=(3 4 0)             tr=(3 4 4 0)            workers=2 ;;
   *) echo "unknown mode $mode (gpu, cpu or test)" >&2; exit 2 ;;
