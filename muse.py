@@ -291,7 +291,7 @@ PRESETS = {
     # the shipped demo (issue 4, trained on a GPU): base and super-resolution models whose
     # float16 checkpoints fit in a few tens of MB and sample in seconds on a laptop CPU
     "demo": MuseConfig(codebook_size=512, grid=8, width=256, depth=6, heads=4, head_dim=64),
-    "demo_sr": MuseConfig(codebook_size=512, grid=16, width=256, depth=4, heads=4, head_dim=64, lowres_depth=2),
+    "demo_sr": MuseConfig(codebook_size=512, grid=16, width=192, depth=4, heads=3, head_dim=64, lowres_depth=1),
     # the two configurations of the speed issue (issue 6), against muse-maskgit-pytorch
     "small": MuseConfig(codebook_size=512, grid=8, width=256, depth=4, heads=4, head_dim=64, text_dim=256),
     "medium": MuseConfig(codebook_size=512, grid=16, width=512, depth=8, heads=4, head_dim=64, text_dim=256),

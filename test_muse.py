@@ -658,6 +658,21 @@ def test_time_limit_fits_the_run_and_its_schedule(tmp_path, tiny_vqgan):
     assert _metrics(tmp_path)[-1]["step"] == step
 
 
+def test_init_starts_a_tokenizer_from_another_resolution(tmp_path, tiny_vqgan, capsys):
+    # tiny_hr (32 px) from tiny (16 px): the same channels, so the weights fit; with lr 0 the
+    # first step leaves them exactly as loaded
+    train.main(["vqgan", "--workdir", str(tmp_path / "hr"), *TINY, "--preset", "tiny_hr", "--steps", "1",
+                "--lr", "0", "--init", str(tiny_vqgan)])
+    got = sample.read_checkpoint(str(tmp_path / "hr"))["params"]["vqgan"]
+    want = sample.read_checkpoint(str(tiny_vqgan))["params"]["vqgan"]
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(SystemExit):
+        train.main(["vqgan", "--workdir", str(tmp_path / "other"), *TINY, "--preset", "shapes", "--steps", "1",
+                    "--init", str(tiny_vqgan)])
+    assert "another architecture" in capsys.readouterr().err
+
+
 def test_export_writes_a_small_float16_checkpoint_that_samples(tmp_path, tiny_base):
     train.main(["export", "--workdir", str(tiny_base), "--out", str(tmp_path / "demo" / "base")])
     small, full = tmp_path / "demo" / "base" / "checkpoint.msgpack", tiny_base / "checkpoint.msgpack"

@@ -164,7 +164,11 @@ def setup_vqgan(args, config):
                                  use_adv=step >= args.disc_start)
         loss = out["g_loss"].mean() + out["d_loss"].mean()
         # usage statistics over the global batch: psum the code counts of every device
-        counts = jax.lax.psum(jnp.bincount(out["ids"].reshape(-1), length=cfg.codebook_size), "batch")
+        # a sum of one-hots, not jnp.bincount: a scatter-add whose ids pile onto a few codes
+        # serialises on a GPU (the suspected cause of a 64 px tokenizer run slowing to 1-3
+        # steps/s on an H200 while the 32 px one ran at 17-85)
+        ids = out["ids"].reshape(-1)
+        counts = jax.lax.psum(jax.nn.one_hot(ids, cfg.codebook_size, dtype=jnp.int32).sum(0), "batch")
         stats = vqgan.codebook_stats(counts)
         metrics = {"loss": out["g_loss"].mean(), "rec_loss": out["rec_loss"].mean(),
                    "d_loss": out["d_loss"].mean(), "commit_loss": out["commit_loss"].mean(),
@@ -276,13 +280,30 @@ def new_run(args):
     return config, consts
 
 
+def init_tokenizer_from(path, params):
+    """vqgan --init DIR: start from another run's tokenizer weights (a vqgan run, or the
+    tokenizer inside a base run). The VQGAN is fully convolutional, so the weights of a
+    32 px tokenizer fit a 64 px one of the same channels: fine-tuning at the new size starts
+    from shapes and colours it already knows."""
+    ckpt = read_checkpoint(path)
+    src = ckpt["params"]["vqgan"] if ckpt["config"]["stage"] == "vqgan" else ckpt["consts"]["vqgan"]
+    shapes_of = lambda tree: jax.tree.map(np.shape, serialization.to_state_dict(tree))
+    if shapes_of(src) != shapes_of(params["vqgan"]):
+        fail(f"--init {path}: its tokenizer has another architecture (channels, codes) than this run's")
+    return dict(params, vqgan=serialization.from_state_dict(params["vqgan"], src))
+
+
 def read_tokenizer(path, flag, why):
-    """A trained VQGAN checkpoint given by `flag`, or a one-line error."""
+    """A trained VQGAN given by `flag`: a vqgan run, or the base model's tokenizer inside a
+    base run (so `--vqgan runs/base` works where only the base run is at hand)."""
     if not path:
         fail(f"{why}: pass {flag} DIR (from `python train.py vqgan ...`)")
     ckpt = read_checkpoint(path)
+    if ckpt["config"]["stage"] == "base":
+        return {"config": {"stage": "vqgan", "vqgan": ckpt["config"]["vqgan"]},
+                "params": {"vqgan": ckpt["consts"]["vqgan"]}}
     if ckpt["config"]["stage"] != "vqgan":
-        fail(f"{flag} {path}: holds a {ckpt['config']['stage']!r} checkpoint, not a vqgan one")
+        fail(f"{flag} {path}: holds a {ckpt['config']['stage']!r} checkpoint, not a vqgan or base one")
     return ckpt
 
 
@@ -375,6 +396,10 @@ def train(args):
 
     rng = jax.random.PRNGKey(args.seed)
     params = jax.jit(setup["init"])(jax.random.fold_in(rng, 0))   # one compile, not one per layer
+    if args.init and args.stage != "vqgan":
+        fail("--init starts a vqgan run from another tokenizer; the transformers start from scratch")
+    if args.init and not args.resume:
+        params = init_tokenizer_from(args.init, params)
     # the step lives on the device (int32, as the step function returns it: a different
     # dtype on the first call would compile the step twice)
     state = {"params": params, "opt_state": tx.init(params), "step": np.int32(0)}
@@ -617,6 +642,8 @@ def parse_args(argv=None):
     p.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this")
     p.add_argument("--vqgan", default=None, help="base, superres: workdir of the base model's tokenizer")
     p.add_argument("--vqgan_hr", default=None, help="superres: workdir of the high-resolution tokenizer")
+    p.add_argument("--init", default=None,
+                   help="vqgan: start from the tokenizer weights of this run (vqgan, base or superres; any resolution)")
     p.add_argument("--text_encoder", default=None,
                    help="base: transformers T5 folder or hub name (default: offline ByT5 tokenizer + small random T5)")
     p.add_argument("--text_length", type=int, default=None,
