@@ -43,7 +43,8 @@ import vqgan
 # shard with pmap and per-example keys, so the partitionable variant buys nothing here.
 jax.config.update("jax_threefry_partitionable", False)
 
-DEFAULT_CHECKPOINT = "checkpoints/demo"
+# the shipped demo pipeline (README.md, "The demo checkpoint"), found wherever sample.py is run from
+DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "demo")
 
 
 def fail(message, code=1):

@@ -689,6 +689,17 @@ def test_export_writes_a_small_float16_checkpoint_that_samples(tmp_path, tiny_ba
     assert os.path.exists(tmp_path / "x.png")
 
 
+def test_the_shipped_demo_draws_64px_images_by_default(tmp_path):
+    # what a fresh clone runs: no --checkpoint; the default pipeline is base + super-res
+    base, sr = sample.load_pipeline(sample.DEFAULT_CHECKPOINT)
+    assert sr is not None and sr.vq.cfg.resolution >= 64 > base.vq.cfg.resolution
+    sizes = sum(os.path.getsize(os.path.join(sample.DEFAULT_CHECKPOINT, s, "checkpoint.msgpack"))
+                for s in ("base", "superres"))
+    assert sizes < 40e6                                         # issue 4: under 40 MB together
+    sample.main(["a red circle", "--out", str(tmp_path / "demo.png"), "--steps", "4", "--sr_steps", "2"])
+    assert Image.open(tmp_path / "demo.png").size == (sr.vq.cfg.resolution,) * 2
+
+
 def test_evaluate_scores_renders_reconstructions_and_samples(tmp_path, tiny_base, capsys):
     sample.main(["--evaluate", "shapes", "--checkpoint", str(tiny_base), "--num", "5", "--steps", "2",
                  "--batch_size", "3", "--outdir", str(tmp_path)])
