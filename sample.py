@@ -500,18 +500,13 @@ def evaluate(args, base, sr):
     import shapes
     final = sr or base
     S = final.vq.cfg.resolution
-    holdout = tuple(h.strip() for h in base.config["train"].get("holdout", "").split(",") if h.strip())
+    holdout = shapes.parse_holdout(base.config["train"].get("holdout", ""))
     prompts = evaluation_prompts(args.num, args.seed, holdout)
     captions = [c for _, c, _ in prompts]
     renders = np.stack([shapes.render(objects, S) for _, _, objects in prompts])        # (P, S, S, 3) uint8
     recon = np.concatenate([ids_to_images(final.vq, final.vq_params, vqgan.encode_jit(
         final.vq, final.vq_params, renders[i:i + 64] / 127.5 - 1.0)) for i in range(0, len(prompts), 64)])
-    generated = []
-    for start in range(0, len(prompts), args.batch_size):
-        chunk = captions[start:start + args.batch_size]
-        padded = chunk + [chunk[-1]] * (args.batch_size - len(chunk))   # one compiled program for all batches
-        generated.append(run(args, base, sr, padded, seed=args.seed + start)[0][:len(chunk)])
-    generated = np.concatenate(generated)
+    generated = run_in_batches(args, base, sr, captions)
     if args.outdir:
         os.makedirs(args.outdir, exist_ok=True)
     rows, results = {}, []
@@ -667,6 +662,18 @@ def run(args, base, sr, prompts, seed):
     return ids_to_images(sr.vq, sr.vq_params, hr_ids), lo_images
 
 
+def run_in_batches(args, base, sr, prompts):
+    """run() over many prompts, --batch_size at a time (seed + index of the batch's first
+    prompt) -> uint8 (len(prompts), S, S, 3). The last batch is padded to full size so that
+    it reuses the compiled program."""
+    images = []
+    for start in range(0, len(prompts), args.batch_size):
+        chunk = prompts[start:start + args.batch_size]
+        padded = chunk + [chunk[-1]] * (args.batch_size - len(chunk))
+        images.append(run(args, base, sr, padded, seed=args.seed + start)[0][:len(chunk)])
+    return np.concatenate(images)
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.benchmark:
@@ -686,13 +693,8 @@ def main(argv=None):
         return
     if args.prompts_file:
         os.makedirs(args.outdir, exist_ok=True)
-        for start in range(0, len(prompts), args.batch_size):
-            chunk = prompts[start:start + args.batch_size]
-            # pad the last batch to full size so it reuses the compiled program
-            padded = chunk + [chunk[-1]] * (args.batch_size - len(chunk))
-            images, _ = run(args, base, sr, padded, seed=args.seed + start)
-            for i in range(len(chunk)):
-                Image.fromarray(images[i]).save(os.path.join(args.outdir, f"{start + i:03d}.png"))
+        for i, image in enumerate(run_in_batches(args, base, sr, prompts)):
+            Image.fromarray(image).save(os.path.join(args.outdir, f"{i:03d}.png"))
         print(f"wrote {len(prompts)} images to {args.outdir}")
         return
     images, lowres = run(args, base, sr, [args.prompt] * args.num, seed=args.seed)

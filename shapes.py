@@ -149,6 +149,11 @@ def _place(rng, objects, rule):
     return None
 
 
+def parse_holdout(text: str) -> tuple:
+    """'purple triangle, yellow square' (train.py --holdout) -> ("purple triangle", "yellow square")."""
+    return tuple(pair.strip() for pair in text.split(",") if pair.strip())
+
+
 def held_out(template: int, objects: list[dict], holdout) -> bool:
     """Whether a scene uses a (colour, shape) pair that training keeps out of relations.
 

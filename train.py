@@ -29,6 +29,7 @@ pmap runs over all devices of all hosts, and only process 0 writes files. This c
 run on a single machine, so it is untested here.
 """
 import argparse
+import functools
 import json
 import os
 import time
@@ -74,17 +75,16 @@ def host_batch(args, step, resolutions, text_encoder=None, captions=False, worke
     """
     b = args.batch_size // jax.process_count()
     start = jax.process_index() * b
-    holdout = tuple(h.strip() for h in args.holdout.split(",") if h.strip())
     batch = {}
     for key, res in zip(("images", "lowres_images"), resolutions):
-        render = lambda lo, hi: shapes.shapes_batch(args.seed, step, args.batch_size, res, lo, hi,
-                                                    args.num_examples, holdout)
+        # rows [lo, hi) of the batch (a partial of a module-level function: it pickles to workers)
+        render = functools.partial(shapes.shapes_batch, args.seed, step, args.batch_size, res,
+                                   num_examples=args.num_examples, holdout=shapes.parse_holdout(args.holdout))
         if workers is None:
             images, texts = render(start, start + b)
         else:                                   # rows are independent: split them into chunks
             cuts = np.linspace(start, start + b, args.data_workers + 1).astype(int)
-            parts = [workers.submit(shapes.shapes_batch, args.seed, step, args.batch_size, res, lo, hi,
-                                    args.num_examples, holdout) for lo, hi in zip(cuts[:-1], cuts[1:])]
+            parts = [workers.submit(render, lo, hi) for lo, hi in zip(cuts[:-1], cuts[1:])]
             parts = [p.result() for p in parts]
             images, texts = np.concatenate([p[0] for p in parts]), sum((p[1] for p in parts), [])
         batch[key] = images.astype(np.float32) / 127.5 - 1.0
@@ -121,6 +121,14 @@ def make_optimizer(args):
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
     return optax.chain(optax.clip_by_global_norm(args.grad_clip), optax.scale_by_adam(b1=0.9, b2=0.99),
                        optax.add_decayed_weights(args.weight_decay, mask=decay_mask))
+
+
+def apply_update(tx, state, grads, lr):
+    """One optimizer step: the AdamW direction of make_optimizer, scaled by -lr."""
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    updates = jax.tree.map(lambda u: -lr * u, updates)
+    return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
+            "step": state["step"] + 1}
 
 
 def learning_rate(step, peak, warmup, horizon):
@@ -424,11 +432,8 @@ def train(args):
         # metrics) over devices so every replica applies the same update
         grads = jax.lax.pmean(grads, "batch")
         metrics = jax.lax.pmean(metrics, "batch")
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         metrics["lr"] = lr = learning_rate(step, args.lr, args.warmup, horizon)
-        updates = jax.tree.map(lambda u: -lr * u, updates)
-        return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
-                "step": step + 1}, metrics
+        return apply_update(tx, state, grads, lr), metrics
 
     p_step = jax.pmap(train_step, axis_name="batch", devices=devices, donate_argnums=(0,))
     # Through a pmapped identity over the same axis once, so that the state already has the
@@ -572,11 +577,7 @@ def benchmark(args):
             return loss.mean()
 
         loss, grads = jax.value_and_grad(loss_fn)(state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        lr = learning_rate(step, args.lr, args.warmup, args.decay_steps)
-        updates = jax.tree.map(lambda u: -lr * u, updates)
-        return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
-                "step": step + 1}, loss
+        return apply_update(tx, state, grads, learning_rate(step, args.lr, args.warmup, args.decay_steps)), loss
 
     step_fn = jax.jit(train_step, donate_argnums=(0,))
     t0 = time.perf_counter()
