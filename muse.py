@@ -270,6 +270,13 @@ class MuseConfig:
     lowres_grid: int = 0           # side of the low-res token grid (0: a base model)
     lowres_codebook_size: int = 0  # K of the low-res tokenizer
     lowres_depth: int = 2          # self-attention layers over the low-res tokens
+    # Departure (off in the paper's configuration): also add the encoded low-res tokens,
+    # upsampled to the high-res grid, to the high-res token embeddings. In the paper the
+    # high-res tokens only *cross-attend* to the low-res ones (Fig. 4), so a model must learn
+    # from data which low-res token lies under each high-res one; at the paper's scale that
+    # is cheap, but a small model trained for minutes on a CPU learns it slowly. Adding the
+    # aligned encoding gives every position its own low-res neighbourhood for free.
+    lowres_aligned: bool = False
     # compute dtype, "float32" or "bfloat16": mixed precision with float32 master weights.
     # The params stay float32 (Flax's param_dtype default) and are cast to this dtype inside
     # each layer; layer norms reduce in float32 and the logits come back as float32, so the
@@ -291,7 +298,8 @@ PRESETS = {
     # the shipped demo (issue 4, trained on a GPU): base and super-resolution models whose
     # float16 checkpoints fit in a few tens of MB and sample in seconds on a laptop CPU
     "demo": MuseConfig(codebook_size=512, grid=8, width=256, depth=6, heads=4, head_dim=64),
-    "demo_sr": MuseConfig(codebook_size=512, grid=16, width=192, depth=4, heads=3, head_dim=64, lowres_depth=1),
+    "demo_sr": MuseConfig(codebook_size=512, grid=16, width=192, depth=4, heads=3, head_dim=64, lowres_depth=1,
+                          lowres_aligned=True),
     # the two configurations of the speed issue (issue 6), against muse-maskgit-pytorch
     "small": MuseConfig(codebook_size=512, grid=8, width=256, depth=4, heads=4, head_dim=64, text_dim=256),
     "medium": MuseConfig(codebook_size=512, grid=16, width=512, depth=8, heads=4, head_dim=64, text_dim=256),
@@ -384,8 +392,15 @@ class MaskedTransformer(nn.Module):
             lo = lo + pos("lowres_pos_emb", (c.lowres_grid ** 2, c.width))                     # (B, Nlo, D)
             for i in range(c.lowres_depth):
                 lo = Block(c, name=f"lowres_block_{i}")(lo)
-            ctx = jnp.concatenate([ctx, nn.LayerNorm(name="lowres_norm", dtype=c.dtype)(lo)], axis=1)  # (B, L + Nlo, D)
+            lo = nn.LayerNorm(name="lowres_norm", dtype=c.dtype)(lo)
+            ctx = jnp.concatenate([ctx, lo], axis=1)                                            # (B, L + Nlo, D)
             ctx_mask = jnp.concatenate([text_mask, jnp.ones(lo.shape[:2], bool)], axis=1)
+            if c.lowres_aligned:
+                # each low-res token covers an r x r patch of high-res tokens (same image area)
+                r, g = c.grid // c.lowres_grid, c.lowres_grid
+                up = lo.reshape(-1, g, 1, g, 1, c.width)                                      # (B, g, 1, g, 1, D)
+                up = jnp.broadcast_to(up, (up.shape[0], g, r, g, r, c.width)).reshape(x.shape)  # (B, N, D)
+                x = x + nn.Dense(c.width, name="lowres_aligned", dtype=c.dtype)(up)
         for i in range(c.depth):
             x = Block(c, name=f"block_{i}")(x, ctx, ctx_mask)
         x = nn.LayerNorm(name="norm_out", dtype=c.dtype)(x)
@@ -410,7 +425,8 @@ def transformer_flops(cfg: MuseConfig, batch: int, text_length: int) -> int:
           MLP             in, out               2 * 2 * N * D * (mlp_ratio * D)
       - the output head                         2 * N * D * K
       - super-res only (lowres_grid > 0): `lowres_depth` blocks of self-attention and MLP
-        over the Nlo low-res tokens (no cross-attention), as above with N -> Nlo.
+        over the Nlo low-res tokens (no cross-attention), as above with N -> Nlo;
+        with lowres_aligned, the projection of the upsampled encoding 2 * N * D * D.
     Not counted: embedding lookups (gathers), layer norms, softmax, GELU, biases, residual
     adds, masking: all elementwise, a few percent at most for these widths (test_muse.py
     checks the total against XLA's own count). A training step (forward + backward: the
@@ -431,7 +447,7 @@ def transformer_flops(cfg: MuseConfig, batch: int, text_length: int) -> int:
     M = L
     if c.lowres_grid:
         n_lo = c.lowres_grid ** 2
-        flops += c.lowres_depth * block(n_lo, 0)
+        flops += c.lowres_depth * block(n_lo, 0) + (2 * N * D * D if c.lowres_aligned else 0)
         M = L + n_lo
     flops += c.depth * block(N, M)
     return batch * flops

@@ -633,7 +633,7 @@ def test_data_workers_render_the_same_batch():
     one = train.host_batch(args, 3, (16, 8), enc)
     with train.ProcessPoolExecutor(2, mp_context=train.multiprocessing.get_context("spawn")) as pool:
         two = train.host_batch(args, 3, (16, 8), enc, workers=pool)
-    assert one.keys() == two.keys() == {"images", "lowres_images", "text_ids", "text_mask"}
+    assert one.keys() == two.keys() == {"images", "lowres_images", "text_ids", "text_mask", "captions"}
     for k in one:
         np.testing.assert_array_equal(one[k], two[k])
 
@@ -847,6 +847,24 @@ def test_superres_transformer_shapes_and_lowres_conditioning():
     other = apply({"params": params}, ids, text, text_mask, (lowres + 1) % 32)
     assert float(jnp.abs(other - logits).max()) > 1e-4          # the low-res tokens are read
     assert "lowres_block_0" in params and "cross_attn" not in params["lowres_block_0"]
+
+
+def test_aligned_lowres_conditioning_reaches_only_the_tokens_above_it():
+    # with no blocks, a position's logits see only its own embedding and what is added to it
+    cfg = replace(muse.PRESETS["tiny"], depth=0, grid=8, lowres_grid=4, lowres_codebook_size=32, lowres_depth=0)
+    r = jax.random.PRNGKey(0)
+    ids = jnp.full((1, 64), cfg.mask_id, jnp.int32)
+    text, text_mask = jax.random.normal(r, (1, 5, cfg.text_dim)), jnp.ones((1, 5), bool)
+    lowres = jax.random.randint(r, (1, 16), 0, 32)
+    changed = lowres.at[0, 5].add(1) % 32          # low-res token (row 1, col 1): high-res rows 2-3, cols 2-3
+    for aligned in (False, True):
+        model = muse.MaskedTransformer(replace(cfg, lowres_aligned=aligned))
+        params = model.init(r, ids, text, text_mask, lowres)["params"]
+        diff = jnp.abs(model.apply({"params": params}, ids, text, text_mask, changed)
+                       - model.apply({"params": params}, ids, text, text_mask, lowres)).max(-1).reshape(8, 8)
+        expected = np.zeros((8, 8), bool)
+        expected[2:4, 2:4] = aligned
+        np.testing.assert_array_equal(np.asarray(diff > 1e-6), expected)
 
 
 @pytest.fixture(scope="module")
@@ -1087,3 +1105,139 @@ def test_check_image_rejects_blank_images_and_distractors():
         assert sample.check_image(shapes.render([a], 64), caption) == (True, "")
         ok, why = sample.check_image(shapes.render([a, b], 64), caption)
         assert not ok and why == f"expected 0 {b['color']} objects, found 1", why
+
+
+# =============================================================================
+# data.py: WebDataset tar shards and image folders (real data)
+# =============================================================================
+
+import io as _io
+import tarfile as _tarfile
+import data
+
+
+def _png(image):
+    buf = _io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _add(tar, name, payload):
+    info = _tarfile.TarInfo(name)
+    info.size = len(payload)
+    tar.addfile(info, _io.BytesIO(payload))
+
+
+def _write_shards(folder, shards=5, per_shard=6, seed=0):
+    """shards x per_shard shapes scenes as WebDataset tars; every caption ends in its key."""
+    rng = np.random.default_rng(seed)
+    for s in range(shards):
+        with _tarfile.open(os.path.join(folder, f"{s:05d}.tar"), "w") as tar:
+            for i in range(per_shard):
+                caption, objects = shapes.sample_scene(rng)
+                key = f"{s:05d}{i:04d}"
+                # non-square images: the reader must resize and centre-crop them
+                _add(tar, f"{key}.png", _png(shapes.render(objects, 40)[:, 4:36]))
+                _add(tar, f"{key}.txt", f"{caption} #{key}".encode())
+                _add(tar, f"{key}.json", json.dumps({"key": key}).encode())
+    return os.path.join(folder, "{00000.." + f"{shards - 1:05d}" + "}.tar")
+
+
+def test_brace_patterns_expand_like_webdataset():
+    assert data.expand_braces("a/{008..011}.tar") == ["a/008.tar", "a/009.tar", "a/010.tar", "a/011.tar"]
+    assert data.expand_braces("{x,y}-{0..1}") == ["x-0", "x-1", "y-0", "y-1"]
+    assert data.expand_braces("plain.tar") == ["plain.tar"]
+
+
+@pytest.mark.parametrize("processes", [1, 4])
+def test_reader_reads_every_sample_once_per_epoch_across_processes(tmp_path, processes):
+    spec = _write_shards(str(tmp_path))             # 5 shards x 6 samples
+    keys = {f"{s:05d}{i:04d}" for s in range(5) for i in range(6)}
+    seen, shard_owner = [], {}
+    for p in range(processes):
+        reader = data.Reader(spec, seed=1, process=p, num_processes=processes, resolutions=(16, 8),
+                             shuffle_buffer=4, threads=2)
+        n = 6 * len(reader.shards)                 # this process's epoch
+        images, captions = reader.next_batch(n)
+        assert images[0].shape == (n, 16, 16, 3) and images[1].shape == (n, 8, 8, 3)
+        assert images[0].dtype == np.uint8 and reader.epoch == 0
+        mine = [c.split("#")[1] for c in captions]
+        seen += mine
+        for k in mine:                              # no shard is read by two processes
+            assert shard_owner.setdefault(k[:5], p) == p
+        # the next epoch: the same samples again, in another order
+        _, again = reader.next_batch(n)
+        assert sorted(again) == sorted(captions) and again != captions and reader.epoch == 1
+    assert sorted(seen) == sorted(keys)             # every sample exactly once over all processes
+    assert seen != sorted(seen)                     # and shuffled
+
+
+def test_reader_resumes_where_it_stopped(tmp_path):
+    spec = _write_shards(str(tmp_path))
+    kw = dict(seed=3, process=0, num_processes=1, resolutions=(16,), shuffle_buffer=5, threads=2)
+    reader = data.Reader(spec, **kw)
+    batches = [reader.next_batch(4) for _ in range(10)]     # 40 records: crosses into epoch 2
+    resumed = data.Reader(spec, start_record=6 * 4, **kw)
+    for step in range(6, 10):
+        images, captions = resumed.next_batch(4)
+        assert captions == batches[step][1]
+        np.testing.assert_array_equal(images[0], batches[step][0][0])
+
+
+def test_reader_skips_and_counts_bad_samples(tmp_path):
+    spec = _write_shards(str(tmp_path), shards=2, per_shard=4)
+    with _tarfile.open(tmp_path / "00002.tar", "w") as tar:
+        _add(tar, "bad.png", b"\x89PNG not really an image")      # corrupt image
+        _add(tar, "bad.txt", b"a red circle #bad")
+        _add(tar, "nocap.png", _png(shapes.render([], 16)))          # no caption
+        _add(tar, "ok.png", _png(shapes.render([], 16)))
+        _add(tar, "ok.txt", b"an empty canvas #ok")
+    whole = (tmp_path / "00001.tar").read_bytes()
+    (tmp_path / "00001.tar").write_bytes(whole[:len(whole) // 2])   # cut short mid-member
+    spec = spec.replace("00001}", "00002}")
+    reader = data.Reader(spec, seed=0, process=0, num_processes=1, resolutions=(16,), threads=2)
+    n = sum(len(reader._index(s)) for s in reader.shards)
+    assert 4 + 1 + 1 <= n < 4 + 4 + 2                # shard 1 keeps the members before the cut
+    images, captions = reader.next_batch(n)
+    # incomplete: nocap, and the cut may also have left the last image of shard 1 without its caption
+    assert reader.counts["corrupt"] == 1 and reader.counts["incomplete"] in (1, 2)
+    assert reader.counts["truncated"] == 1
+    assert "a red circle #bad" not in captions and len(captions) == n and images[0].shape == (n, 16, 16, 3)
+    assert "an empty canvas #ok" in captions
+
+
+def test_image_folder_and_training_on_real_data(tmp_path):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    rows = []
+    for i in range(12):
+        caption, objects = shapes.sample_scene(np.random.default_rng(i))
+        Image.fromarray(shapes.render(objects, 24)).save(folder / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": f"{caption} #{i}"})
+    rows.append({"file_name": "missing.png", "text": "a file that is not there #missing"})
+    rows.append({"file_name": "nocaption.png"})
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    reader = data.Reader(str(folder), seed=0, process=0, num_processes=1, resolutions=(16,), threads=2)
+    _, captions = reader.next_batch(13)
+    assert reader.counts["incomplete"] == 1 and reader.counts["corrupt"] == 1
+    assert {c.split("#")[1] for c in captions} == {str(i) for i in range(12)}
+    # the tokenizer and the base model train on it; the skips reach metrics.jsonl
+    _train(tmp_path / "vq", "vqgan", "--data", str(folder), "--steps", "3")
+    last = _metrics(tmp_path / "vq")[-1]
+    assert last["step"] == 3 and last["data_corrupt"] >= 1 and last["data_incomplete"] == 1
+    # resume continues the stream where it stopped: 2 steps + 1 resumed = 3 steps in one go
+    _train(tmp_path / "vq_resumed", "vqgan", "--data", str(folder), "--steps", "2")
+    _train(tmp_path / "vq_resumed", "vqgan", "--data", str(folder), "--steps", "3", "--resume")
+    resumed = _metrics(tmp_path / "vq_resumed")[-1]
+    assert resumed["step"] == 3 and abs(resumed["loss"] - last["loss"]) < 1e-4 * abs(last["loss"]), (resumed, last)
+    _train(tmp_path / "base", "base", "--data", str(folder), "--vqgan", str(tmp_path / "vq"), "--steps", "2",
+           "--sample_every", "2")
+    assert os.path.exists(tmp_path / "base" / "samples" / "000002.png")
+
+
+def test_bad_data_paths_fail_with_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        _train(tmp_path / "x", "vqgan", "--data", str(tmp_path / "nothing-{000..003}.tar"), "--steps", "1")
+    assert e.value.code != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no such file" in err[0] and "nothing-000.tar" in err[0], err

@@ -46,6 +46,7 @@ import optax
 from flax import serialization
 from tqdm import tqdm
 
+import data
 import muse
 import shapes
 import vqgan
@@ -59,39 +60,45 @@ SAMPLE_PROMPTS = ["a red circle", "a large blue square", "a green triangle on th
 
 
 # -----------------------------------------------------------------------------
-# Data: the built-in shapes world (shapes.py), a pure function of (seed, step)
+# Data: the built-in shapes world (shapes.py), a pure function of (seed, step), or real
+# image-caption pairs (data.py: WebDataset tar shards, image folders), a stream
 # -----------------------------------------------------------------------------
 
-def host_batch(args, step, resolutions, text_encoder=None, captions=False, workers=None):
+def host_batch(args, step, resolutions, text_encoder=None, workers=None, reader=None):
     """This process's rows of the global batch for `step`, as numpy arrays.
 
     images float32 (b, S, S, 3) in [-1, 1] at resolutions[0]; for super-resolution also
-    lowres_images (b, S_lo, S_lo, 3), the same scenes rendered at resolutions[1]; with a
-    text encoder also text_ids int32 (b, L) and text_mask bool (b, L) (the prompts are
-    tokenized here and encoded on the device).
+    lowres_images (b, S_lo, S_lo, 3), the same scenes at resolutions[1]; with a text
+    encoder also text_ids int32 (b, L) and text_mask bool (b, L) (the prompts are tokenized
+    here and encoded on the device); captions, the b strings (kept on the host).
 
-    workers: a process pool (--data_workers) that renders the rows in chunks in parallel.
-    Rendering is plain Python (~3,500 scenes/s per core), too slow for one core to feed a GPU.
+    shapes: rendered here; workers (--data_workers) is a process pool that renders the rows
+    in chunks in parallel (rendering is plain Python, ~3,500 scenes/s per core, too slow for
+    one core to feed a GPU). Real data: `reader` (a data.Reader) streams the next b records,
+    so steps must be asked for in order.
     """
     b = args.batch_size // jax.process_count()
     start = jax.process_index() * b
-    batch = {}
-    for key, res in zip(("images", "lowres_images"), resolutions):
-        # rows [lo, hi) of the batch (a partial of a module-level function: it pickles to workers)
-        render = functools.partial(shapes.shapes_batch, args.seed, step, args.batch_size, res,
-                                   num_examples=args.num_examples, holdout=shapes.parse_holdout(args.holdout))
-        if workers is None:
-            images, texts = render(start, start + b)
-        else:                                   # rows are independent: split them into chunks
-            cuts = np.linspace(start, start + b, args.data_workers + 1).astype(int)
-            parts = [workers.submit(render, lo, hi) for lo, hi in zip(cuts[:-1], cuts[1:])]
-            parts = [p.result() for p in parts]
-            images, texts = np.concatenate([p[0] for p in parts]), sum((p[1] for p in parts), [])
-        batch[key] = images.astype(np.float32) / 127.5 - 1.0
+    if reader is not None:
+        images, texts = reader.next_batch(b)
+    else:
+        images = []
+        for res in resolutions:
+            # rows [lo, hi) of the batch (a partial of a module-level function: it pickles to workers)
+            render = functools.partial(shapes.shapes_batch, args.seed, step, args.batch_size, res,
+                                       num_examples=args.num_examples, holdout=shapes.parse_holdout(args.holdout))
+            if workers is None:
+                rows, texts = render(start, start + b)
+            else:                               # rows are independent: split them into chunks
+                cuts = np.linspace(start, start + b, args.data_workers + 1).astype(int)
+                parts = [workers.submit(render, lo, hi) for lo, hi in zip(cuts[:-1], cuts[1:])]
+                parts = [p.result() for p in parts]
+                rows, texts = np.concatenate([p[0] for p in parts]), sum((p[1] for p in parts), [])
+            images.append(rows)
+    batch = {key: x.astype(np.float32) / 127.5 - 1.0 for key, x in zip(("images", "lowres_images"), images)}
     if text_encoder is not None:
         batch["text_ids"], batch["text_mask"] = text_encoder.tokenize(texts)
-    if captions:
-        batch["captions"] = texts
+    batch["captions"] = texts
     return batch
 
 
@@ -183,8 +190,8 @@ def setup_vqgan(args, config):
                    "codebook_usage": stats["usage"], "perplexity": stats["perplexity"]}
         return loss, metrics
 
-    def sample_grid(params, consts, path):
-        images = host_batch(args, 0, (cfg.resolution,))["images"][:8]
+    def sample_grid(params, consts, batch, path):
+        images = batch["images"][:8]
         recon = vqgan.decode_jit(model, params["vqgan"], vqgan.encode_jit(model, params["vqgan"], images))
         save_grid(np.concatenate([vqgan.to_uint8(images), vqgan.to_uint8(recon)]), path, cols=8)
 
@@ -232,13 +239,13 @@ def setup_transformer(args, config, consts):
                                            consts["empty_mask"], example_keys(rng, step, b), lowres)
         return loss.mean(), {"loss": loss.mean(), "masked_acc": acc.mean()}
 
-    def sample_grid(params, consts, path):
+    def sample_grid(params, consts, batch, path):
         if not superres:
-            ids = generate_ids(model, params, text_encoder, SAMPLE_PROMPTS, seed=0)
+            prompts = SAMPLE_PROMPTS if args.data == "shapes" else batch["captions"][:8]
+            ids = generate_ids(model, params, text_encoder, prompts, seed=0)
             save_grid(ids_to_images(out_vq, consts["vqgan"], ids), path, cols=4)
             return
         # super-res of real low-res tokens: rows = low-res reconstruction, super-res, original
-        batch = host_batch(args, 0, resolutions, text_encoder, captions=True)
         n = min(8, len(batch["captions"]))
         lo_ids = vqgan.encode_jit(lo_vq, consts["vqgan"], batch["lowres_images"][:n]).reshape(n, -1)
         ids = generate_ids(model, params, text_encoder, batch["captions"][:n], seed=0, steps=8, lowres_ids=lo_ids)
@@ -284,6 +291,9 @@ def new_run(args):
                   text_dim=enc.cfg.d_model, text_length=args.text_length)
     if args.stage == "superres":
         cfg = replace(cfg, lowres_grid=lo.grid, lowres_codebook_size=lo.codebook_size)
+        if cfg.lowres_aligned and cfg.grid % lo.grid:
+            fail(f"preset {args.preset} aligns the grids, but the high-res grid {cfg.grid} is not a multiple "
+                 f"of the low-res grid {lo.grid}")
     config["muse"] = asdict(cfg)
     return config, consts
 
@@ -318,7 +328,7 @@ def read_tokenizer(path, flag, why):
 # Flags that define the optimisation trajectory: stored in the checkpoint and restored by
 # --resume, so a resumed run continues exactly (only --steps and the logging flags may change).
 RESUMED_ARGS = ("batch_size", "seed", "num_examples", "holdout", "lr", "warmup", "decay_steps", "weight_decay",
-                "grad_clip", "disc_start", "preset")
+                "grad_clip", "disc_start", "preset", "shuffle_buffer")
 
 
 # -----------------------------------------------------------------------------
@@ -392,7 +402,7 @@ def train(args):
         if config["stage"] != args.stage:
             fail(f"--resume: {ckpt_path} is a {config['stage']!r} checkpoint, not {args.stage!r}")
         for k in RESUMED_ARGS:                  # the trajectory's flags come from the checkpoint
-            setattr(args, k, config["train"][k])
+            setattr(args, k, config["train"].get(k, getattr(args, k)))   # (older runs lack newer flags)
         consts = ckpt.get("consts", {})
     else:
         if os.path.exists(ckpt_path):
@@ -451,8 +461,21 @@ def train(args):
     workers = ProcessPoolExecutor(args.data_workers, mp_context=multiprocessing.get_context("spawn")) \
         if args.data_workers else None
 
+    reader = None
+    if data.is_real_data(args.data):
+        # this process's shards, streamed; a resumed run replays the index of the records
+        # already trained on (step * rows per host: each step takes exactly that many)
+        try:
+            reader = data.Reader(args.data, args.seed, jax.process_index(), jax.process_count(),
+                                 setup["resolutions"], start_record=start * (args.batch_size // jax.process_count()),
+                                 shuffle_buffer=args.shuffle_buffer, threads=args.data_workers or 8)
+        except ValueError as e:
+            fail(str(e))
+
     def fetch(step):
-        return shard(host_batch(args, step, setup["resolutions"], setup["text_encoder"], workers=workers), n_dev)
+        batch = host_batch(args, step, setup["resolutions"], setup["text_encoder"], workers=workers, reader=reader)
+        captions = batch.pop("captions")        # strings stay on the host
+        return shard(batch, n_dev), dict(batch, captions=captions)
 
     metrics_file = open(os.path.join(args.workdir, "metrics.jsonl"), "a") if is_main else None
     pool = ThreadPoolExecutor(max_workers=1)    # renders the next batch while the device trains
@@ -463,8 +486,14 @@ def train(args):
     fits = [0.05, 0.2, 0.5] if args.time_limit else []  # fractions of --time_limit at which to fit the steps
     max_steps = args.steps
     step = start
+    sample_batch = None                         # the run's first host batch: the sample grids show it
     while step < args.steps:
-        batch = future.result()
+        try:
+            batch, host = future.result()
+        except ValueError as e:                 # data.Reader: the data itself is broken
+            bar.close()
+            fail(str(e))
+        sample_batch = host if sample_batch is None else sample_batch
         if step + 1 < args.steps:
             future = pool.submit(fetch, step + 1)
         if step == start and is_main:
@@ -503,7 +532,10 @@ def train(args):
         ips = n_images / max(time.time() - t_last, 1e-9)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", img_s=f"{ips:.1f}")
         if is_main and (done % args.log_every == 0 or done == args.steps):
-            metrics_file.write(json.dumps({"step": done, **metrics, "images_per_sec": ips}) + "\n")
+            row = {"step": done, **metrics, "images_per_sec": ips}
+            if reader is not None:              # skipped-and-counted records (data.py), this host's
+                row.update({f"data_{k}": v for k, v in reader.counts.items()}, data_epoch=reader.epoch)
+            metrics_file.write(json.dumps(row) + "\n")
             metrics_file.flush()
         if done % args.ckpt_every == 0 or done == args.steps:
             if is_main:
@@ -511,7 +543,7 @@ def train(args):
             last_ckpt = done
         if is_main and args.sample_every and (done % args.sample_every == 0 or done == args.steps):
             os.makedirs(os.path.join(args.workdir, "samples"), exist_ok=True)
-            setup["sample_grid"](unreplicate(rep_state)["params"], consts,
+            setup["sample_grid"](unreplicate(rep_state)["params"], consts, sample_batch,
                                  os.path.join(args.workdir, "samples", f"{done:06d}.png"))
         step = done
     bar.close()
@@ -622,7 +654,10 @@ def parse_args(argv=None):
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("stage", choices=["vqgan", "base", "superres", "export"],
                    help="which model to train (export: a trained run -> a small checkpoint for sampling)")
-    p.add_argument("--data", default="shapes", choices=["shapes"], help="training data (shapes: built-in, SHAPES.md)")
+    p.add_argument("--data", default="shapes",
+                   help="training data: shapes (built-in, SHAPES.md); WebDataset tar shards, e.g. "
+                        "'cc3m/{00000..00331}.tar' (braces and globs); or a folder with metadata.jsonl")
+    p.add_argument("--shuffle_buffer", type=int, default=1000, help="real data: records in the shuffle buffer")
     p.add_argument("--workdir", default=None, help="folder for checkpoint, metrics and samples (required "
                    "unless --benchmark)")
     p.add_argument("--out", default=None, help="export: the folder to write the small checkpoint to")
@@ -659,7 +694,8 @@ def parse_args(argv=None):
     p.add_argument("--time_limit", type=float, default=0,
                    help="seconds: fit --steps (and the cosine horizon) to this wall time after measuring the speed")
     p.add_argument("--data_workers", type=int, default=0,
-                   help="processes rendering the data (0: one background thread; use several to feed a GPU)")
+                   help="shapes: processes rendering the data (0: one background thread; use several to feed "
+                        "a GPU); real data: threads decoding images (0: 8)")
     p.add_argument("--num_devices", type=int, default=None, help="use the first N local devices (default: all)")
     p.add_argument("--multihost", action="store_true", help="call jax.distributed.initialize() (TPU pods)")
     p.add_argument("--benchmark", default=None, choices=sorted(muse.PRESETS),

@@ -1,0 +1,279 @@
+"""Real image-caption data for train.py: WebDataset tar shards and Hugging Face-style image folders.
+
+    python train.py vqgan --data 'cc3m/{00000..00331}.tar' --workdir runs/vq ...   # img2dataset's output
+    python train.py base  --data my_folder --vqgan runs/vq ...                      # my_folder/metadata.jsonl
+
+Two layouts, the ones real text-image data sets come in:
+  - WebDataset tar shards, as img2dataset writes CC3M, CC12M and LAION: each sample is a
+    group of tar members sharing a key, `KEY.jpg` (or .jpeg / .png / .webp) and `KEY.txt`
+    (the caption), optionally `KEY.json`. `--data` takes brace ranges (`{00000..00123}`,
+    `{a,b}`) and globs. Read with Python's `tarfile`: no extra dependency.
+  - An image folder with `metadata.jsonl`: one `{"file_name": ..., "text": ...}` per line,
+    file names relative to the folder (the Hugging Face `imagefolder` convention).
+
+How the records flow, and why:
+  - Sharding: process p of P reads only shards p, p + P, p + 2P, ... (an image folder is
+    cut into P interleaved virtual shards), so no two hosts of a pod read the same file.
+    Within a host, the host batch is split over its devices by train.py, as for shapes.
+  - Order: each epoch visits this process's shards in a seeded random order and passes
+    their records through a shuffle buffer (seeded by seed, process and epoch), drained at
+    the epoch's end: every record comes out exactly once per epoch.
+  - Only the *index* flows through the shuffle: (file, byte offset, size) of each member,
+    read from the tar headers, which costs a seek per member. The bytes are read and
+    decoded when a batch is built, in a thread pool (PIL decodes outside the GIL). So
+    resuming at step s replays the index of the first s * b records (cheap) and decodes
+    nothing it skips.
+  - Fixed consumption: every step takes exactly b records (b = the host's rows), whether
+    or not they decode. A record whose image is corrupt fills its row with a copy of a good
+    row of the same batch, and is counted. So the position after step s is exactly s * b
+    records on every host: resuming needs no saved reader state, only the step.
+  - Skipped and counted, never fatal: undecodable images (`corrupt`), samples without an
+    image or a caption (`incomplete`), tar files cut short (`truncated`: the members before
+    the cut are still used), unreadable files (`unreadable`). train.py writes these counts
+    to metrics.jsonl as data_corrupt, data_incomplete, ... A batch with no good row at all
+    is an error (the data is broken, not one sample).
+"""
+import glob
+import io
+import json
+import os
+import re
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+SKIP_KINDS = ("corrupt", "incomplete", "truncated", "unreadable")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """'a/{000..002}.tar' -> ['a/000.tar', 'a/001.tar', 'a/002.tar']; '{x,y}' -> both.
+
+    Numeric ranges keep the zero padding of their first bound (as the shell and
+    WebDataset do). Several braces expand left to right.
+    """
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if not m:
+        return [pattern]
+    head, tail, body = pattern[:m.start()], pattern[m.end():], m.group(1)
+    r = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if r:
+        lo, hi = int(r.group(1)), int(r.group(2))
+        options = [f"{i:0{len(r.group(1))}d}" for i in range(lo, hi + 1)]
+    else:
+        options = body.split(",")
+    return [s for o in options for s in expand_braces(head + o + tail)]
+
+
+def find_shards(spec: str) -> list[str]:
+    """The sorted tar files named by a --data pattern (braces, then globs)."""
+    files = []
+    for p in expand_braces(spec):
+        files += sorted(glob.glob(p)) if any(c in p for c in "*?[") else [p]
+    return files
+
+
+def is_real_data(spec: str) -> bool:
+    return spec != "shapes"
+
+
+# -----------------------------------------------------------------------------
+# The index: what each shard holds, without reading any image
+# -----------------------------------------------------------------------------
+
+def index_tar(path, counts):
+    """Records of one tar shard: (key, image (path, byte offset, size), caption).
+
+    Members are grouped by key (the name up to its first dot after the last slash), in
+    the order the tar stores them. A tar cut short keeps the groups whose bytes are all
+    present and is counted as `truncated`; a group without an image or a caption is
+    counted as `incomplete`.
+    """
+    groups, order = {}, []
+    try:
+        size = os.path.getsize(path)
+        with tarfile.open(path, "r:") as tar:
+            try:
+                for m in tar:   # reads the headers only; the data is seeked over
+                    if not m.isfile():
+                        continue
+                    if m.offset_data + m.size > size:
+                        counts["truncated"] += 1
+                        break
+                    d, base = os.path.split(m.name)
+                    key, _, ext = base.partition(".")
+                    key = os.path.join(d, key)
+                    if key not in groups:
+                        groups[key] = {}
+                        order.append(key)
+                    if ext.lower() == "txt":
+                        groups[key]["txt"] = tar.extractfile(m).read().decode("utf-8", "replace").strip()
+                    else:
+                        groups[key][ext.lower()] = (path, m.offset_data, m.size)
+                else:
+                    # tarfile ends the iteration silently at a header cut short; an intact tar
+                    # ends with two zero blocks of 512 bytes after its last member
+                    if size < tar.offset + 2 * tarfile.BLOCKSIZE:
+                        counts["truncated"] += 1
+            except (tarfile.ReadError, EOFError):
+                counts["truncated"] += 1
+    except (OSError, tarfile.TarError):
+        counts["unreadable"] += 1
+        return []
+    records = []
+    for key in order:
+        g = groups[key]
+        image = next((g[e] for e in IMAGE_EXTS if e in g), None)
+        if image is None or not g.get("txt"):
+            counts["incomplete"] += 1
+            continue
+        records.append((key, image, g["txt"]))
+    return records
+
+
+def index_folder(folder, counts):
+    """Records of an image folder's metadata.jsonl: (file name, image path, caption)."""
+    records = []
+    with open(os.path.join(folder, "metadata.jsonl")) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                name, text = row["file_name"], row.get("text")
+            except (ValueError, KeyError, TypeError):
+                counts["incomplete"] += 1
+                continue
+            if not text:
+                counts["incomplete"] += 1
+                continue
+            records.append((name, (os.path.join(folder, name), 0, None), text))
+    return records
+
+
+# -----------------------------------------------------------------------------
+# Decoding: bytes -> a centre crop at each training resolution
+# -----------------------------------------------------------------------------
+
+def read_bytes(image):
+    path, offset, size = image
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read() if size is None else f.read(size)
+
+
+def center_crop(img: Image.Image, resolution: int) -> np.ndarray:
+    """Resize the shorter side to `resolution` (bicubic, antialiased), crop the centre square.
+
+    uint8 (resolution, resolution, 3). A low-res copy for super-resolution is made from the
+    same crop, so both resolutions show exactly the same content.
+    """
+    w, h = img.size
+    s = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
+    img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=None if s > 0.5 else 2.0)
+    left, top = (nw - resolution) // 2, (nh - resolution) // 2
+    return np.asarray(img.crop((left, top, left + resolution, top + resolution)))
+
+
+def decode(image, resolutions):
+    """A record's image at each resolution, or None if it cannot be read or decoded."""
+    try:
+        with Image.open(io.BytesIO(read_bytes(image))) as img:
+            img = img.convert("RGB")
+            return [center_crop(img, r) for r in resolutions]
+    except Exception:   # PIL raises many types on bad bytes (OSError, SyntaxError, ValueError...)
+        return None
+
+
+# -----------------------------------------------------------------------------
+# The stream: this process's records, epoch after epoch, shuffled
+# -----------------------------------------------------------------------------
+
+class Reader:
+    """Batches of one process's share of a tar-shard or image-folder data set.
+
+        reader = Reader(spec, seed, process, num_processes, resolutions, start_record=0)
+        images, captions = reader.next_batch(b)   # images: one uint8 (b, S, S, 3) per resolution
+
+    `reader.counts` holds the skip counts so far and `reader.epoch` the current epoch.
+    A resumed run passes start_record = step * b, and the stream continues exactly where
+    the interrupted one stood (on the same number of processes).
+    """
+
+    def __init__(self, spec, seed, process, num_processes, resolutions, start_record=0,
+                 shuffle_buffer=1000, threads=8):
+        self.seed, self.process, self.resolutions = seed, process, tuple(resolutions)
+        self.shuffle_buffer = shuffle_buffer
+        self.counts = dict.fromkeys(SKIP_KINDS, 0)
+        if os.path.isdir(spec):
+            if not os.path.exists(os.path.join(spec, "metadata.jsonl")):
+                raise ValueError(f"--data {spec}: a folder needs a metadata.jsonl "
+                                 '(one {"file_name": ..., "text": ...} per line)')
+            records = index_folder(spec, self.counts)
+            # P interleaved virtual shards of one folder: process p reads records p, p + P, ...
+            self.shards = [("folder", records[process::num_processes])]
+        else:
+            files = find_shards(spec)
+            missing = [f for f in files if not os.path.exists(f)]
+            if not files or missing:
+                raise ValueError(f"--data {spec}: no such file {missing[0] if missing else spec} "
+                                 "(expected tar shards, e.g. 'data/{00000..00099}.tar', or a folder)")
+            if len(files) < num_processes:
+                raise ValueError(f"--data {spec}: {len(files)} shards for {num_processes} processes; "
+                                 "each process needs at least one shard of its own")
+            self.shards = [("tar", f) for f in files[process::num_processes]]
+        self._index_cache = {}
+        self.epoch, self._stream = 0, self._records()
+        for _ in range(start_record):    # replay the index only: nothing is read or decoded
+            next(self._stream)
+        self.pool = ThreadPoolExecutor(threads)
+
+    def _index(self, shard):
+        kind, src = shard
+        if kind == "folder":
+            return src
+        if src not in self._index_cache:
+            # counted on the first pass only: a skipped sample is one problem, not one per epoch
+            self._index_cache[src] = index_tar(src, self.counts)
+        return self._index_cache[src]
+
+    def _records(self):
+        """Every record of this process's shards once per epoch, shuffled; forever."""
+        while True:
+            rng = np.random.default_rng([self.seed, self.process, self.epoch])
+            buffer, emitted = [], 0
+            for i in rng.permutation(len(self.shards)):
+                for record in self._index(self.shards[i]):
+                    if len(buffer) < self.shuffle_buffer:
+                        buffer.append(record)
+                        continue
+                    j = int(rng.integers(len(buffer)))     # emit a random buffered record, keep the new one
+                    out, buffer[j] = buffer[j], record
+                    emitted += 1
+                    yield out
+            for j in rng.permutation(len(buffer)):
+                emitted += 1
+                yield buffer[j]
+            if emitted == 0:
+                raise ValueError("the data has no readable image-caption pair "
+                                 f"(skipped so far: {self.counts})")
+            self.epoch += 1
+
+    def next_batch(self, b):
+        records = [next(self._stream) for _ in range(b)]
+        decoded = list(self.pool.map(lambda r: decode(r[1], self.resolutions), records))
+        good = [i for i, d in enumerate(decoded) if d is not None]
+        if not good:
+            raise ValueError(f"none of the {b} images of a batch could be decoded "
+                             f"(e.g. {records[0][1][0]}, {records[0][0]}): is the data corrupt?")
+        rows = []
+        for i, d in enumerate(decoded):
+            if d is None:
+                self.counts["corrupt"] += 1
+                i = good[i % len(good)]          # a corrupt row takes a good row's place
+            rows.append(i)
+        images = [np.stack([decoded[i][k] for i in rows]) for k in range(len(self.resolutions))]
+        return images, [records[i][2] for i in rows]
