@@ -849,6 +849,28 @@ def test_superres_transformer_shapes_and_lowres_conditioning():
     assert "lowres_block_0" in params and "cross_attn" not in params["lowres_block_0"]
 
 
+def test_grad_accum_gives_the_same_training_as_one_big_batch(tmp_path, tiny_vqgan):
+    runs = {}
+    for k in (1, 2):
+        _train(tmp_path / f"k{k}", "base", "--vqgan", str(tiny_vqgan), "--steps", "3", "--grad_accum", str(k),
+               "--num_devices", "2")
+        runs[k] = _metrics(tmp_path / f"k{k}")
+    for a, b in zip(runs[1], runs[2]):
+        assert a["step"] == b["step"]
+        np.testing.assert_allclose([a["loss"], a["masked_acc"]], [b["loss"], b["masked_acc"]], rtol=1e-4)
+    p1, p2 = (sample.read_checkpoint(str(tmp_path / f"k{k}"))["params"] for k in (1, 2))
+    for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+        np.testing.assert_allclose(x, y, atol=1e-5)
+
+
+def test_bfloat16_training_keeps_float32_weights(tmp_path, tiny_vqgan):
+    _train(tmp_path, "base", "--vqgan", str(tiny_vqgan), "--steps", "2", "--dtype", "bfloat16")
+    ckpt = sample.read_checkpoint(str(tmp_path))
+    assert ckpt["config"]["muse"]["dtype"] == "bfloat16"
+    assert {x.dtype for x in jax.tree.leaves(ckpt["params"])} == {np.dtype("float32")}
+    assert all(np.isfinite(r["loss"]) for r in _metrics(tmp_path))
+
+
 def test_aligned_lowres_conditioning_reaches_only_the_tokens_above_it():
     # with no blocks, a position's logits see only its own embedding and what is added to it
     cfg = replace(muse.PRESETS["tiny"], depth=0, grid=8, lowres_grid=4, lowres_codebook_size=32, lowres_depth=0)

@@ -151,15 +151,16 @@ def learning_rate(step, peak, warmup, horizon):
 # params, the frozen arrays it needs (`consts`), and a per-device train step.
 # -----------------------------------------------------------------------------
 
-def example_keys(rng, step, per_device):
+def example_keys(rng, step, first, n):
     """One PRNG key per example, from (run key, step, the example's global index).
 
-    Keying by the global index, not by the device, makes the draws independent of how the
-    batch is split across devices; folding in the step makes resumed runs draw the same.
+    first: the global index of this call's first example (device * rows per device, plus the
+    micro-batch's offset under --grad_accum). Keying by the global index, not by the device
+    or the micro-batch, makes the draws independent of how the batch is split; folding in
+    the step makes resumed runs draw the same.
     """
-    first = jax.lax.axis_index("batch") * per_device
     step_key = jax.random.fold_in(rng, step)
-    return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(first + jnp.arange(per_device))
+    return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(first + jnp.arange(n))
 
 
 def setup_vqgan(args, config):
@@ -171,7 +172,7 @@ def setup_vqgan(args, config):
         r1, r2 = jax.random.split(rng)
         return {"vqgan": model.init(r1, x)["params"], "disc": disc.init(r2, x)["params"]}
 
-    def loss_fn(params, consts, batch, rng, step):
+    def loss_fn(params, consts, batch, rng, step, first):
         # The generator's adversarial term sees the discriminator through stop_gradient and
         # the discriminator sees the reconstruction through stop_gradient (vqgan_losses),
         # so one gradient of the sum trains each network on its own objective only.
@@ -226,7 +227,7 @@ def setup_transformer(args, config, consts):
         lowres = jnp.zeros((1, cfg.lowres_grid ** 2), jnp.int32) if superres else None
         return model.init(rng, ids, emb, jnp.ones(emb.shape[:2], bool), lowres)["params"]
 
-    def loss_fn(params, consts, batch, rng, step):
+    def loss_fn(params, consts, batch, rng, step, first):
         # the frozen stages run inside the step, on the device: tokens and text embeddings
         b = batch["images"].shape[0]
         ids = out_vq.apply({"params": consts[out_key]}, batch["images"], method="encode").reshape(b, -1)  # (b, N)
@@ -236,7 +237,7 @@ def setup_transformer(args, config, consts):
                                  method="encode").reshape(b, -1)                                     # (b, Nlo)
         emb = t5.apply({"params": consts["t5"]}, batch["text_ids"], batch["text_mask"])            # (b, L, Dt)
         loss, acc = muse.masked_token_loss(model, params, ids, emb, batch["text_mask"], consts["empty_emb"],
-                                           consts["empty_mask"], example_keys(rng, step, b), lowres)
+                                           consts["empty_mask"], example_keys(rng, step, first, b), lowres)
         return loss.mean(), {"loss": loss.mean(), "masked_acc": acc.mean()}
 
     def sample_grid(params, consts, batch, path):
@@ -288,7 +289,7 @@ def new_run(args):
         config["tokenizer"] = "byt5"
     config["t5"], consts["t5"] = asdict(enc.cfg), enc.params
     cfg = replace(muse.PRESETS[args.preset or "shapes"], codebook_size=out.codebook_size, grid=out.grid,
-                  text_dim=enc.cfg.d_model, text_length=args.text_length)
+                  text_dim=enc.cfg.d_model, text_length=args.text_length, dtype=args.dtype)
     if args.stage == "superres":
         cfg = replace(cfg, lowres_grid=lo.grid, lowres_codebook_size=lo.codebook_size)
         if cfg.lowres_aligned and cfg.grid % lo.grid:
@@ -388,8 +389,9 @@ def train(args):
     # pmap over all devices of all hosts unless asked for fewer (a multi-host pmap must span all)
     devices = jax.local_devices()[:n_dev] if args.num_devices else None
     n_global = n_dev * jax.process_count()
-    if args.batch_size % n_global:
-        fail(f"--batch_size {args.batch_size} must be a multiple of the device count {n_global}")
+    if args.batch_size % (n_global * args.grad_accum):
+        fail(f"--batch_size {args.batch_size} must be a multiple of the device count {n_global}"
+             + (f" times --grad_accum {args.grad_accum}" if args.grad_accum > 1 else ""))
     is_main = jax.process_index() == 0
     os.makedirs(args.workdir, exist_ok=True)
     ckpt_path = os.path.join(args.workdir, CHECKPOINT)
@@ -435,9 +437,31 @@ def train(args):
 
     loss_fn = setup["loss_fn"]
 
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
     def train_step(state, consts, batch, rng, horizon):
-        step = state["step"]
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], consts, batch, rng, step)
+        step, params = state["step"], state["params"]
+        rows = batch["images"].shape[0]                         # this device's slice of the batch
+        first = jax.lax.axis_index("batch") * rows              # global index of its first row
+        if args.grad_accum == 1:
+            (_, metrics), grads = grad_fn(params, consts, batch, rng, step, first)
+        else:
+            # --grad_accum K: K micro-batches in sequence, gradients summed, so activations
+            # are held for rows / K examples at a time. Every loss is a mean over examples,
+            # so the mean of K equal micro-batch means is the full batch's mean: the same
+            # update as one big step (up to float rounding).
+            k, m = args.grad_accum, rows // args.grad_accum
+            micro = jax.tree.map(lambda x: x.reshape((k, m) + x.shape[1:]), batch)    # (K, m, ...)
+
+            def accumulate(total, xs):
+                i, mb = xs
+                (_, mets), g = grad_fn(params, consts, mb, rng, step, first + i * m)
+                return jax.tree.map(jnp.add, total, (g, mets)), None
+
+            shapes_ = jax.eval_shape(grad_fn, params, consts, jax.tree.map(lambda x: x[0], micro), rng, step, first)
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes_[1], shapes_[0][1]))
+            total, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k), micro))
+            grads, metrics = jax.tree.map(lambda x: x / k, total)
         # each device saw a different slice of the batch: average the gradients (and the
         # metrics) over devices so every replica applies the same update
         grads = jax.lax.pmean(grads, "batch")
@@ -666,6 +690,9 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=None,
                    help="global batch, split over all devices (default 64; --benchmark: 64 for the base "
                         "preset, 16 for large, 8 otherwise)")
+    p.add_argument("--grad_accum", type=int, default=1,
+                   help="split each device's rows into K micro-batches and sum their gradients (same update, "
+                        "1/K of the activation memory)")
     p.add_argument("--seed", type=int, default=0, help="seeds the data, the init and the masking")
     p.add_argument("--num_examples", type=int, default=0,
                    help="shapes: a finite training set of N scenes (0: a new scene every time)")
@@ -702,7 +729,8 @@ def parse_args(argv=None):
                    help="base: time the train step of this preset with random weights and data on one "
                         "device, print one JSON line (step time, analytic FLOPs, MFU) and exit")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="--benchmark: the transformer's compute dtype (weights and optimizer stay float32)")
+                   help="base, superres (and --benchmark): the transformer's compute dtype; weights, optimizer "
+                        "and logits stay float32 (mixed precision, for TPUs and GPUs)")
     p.add_argument("--bench_steps", type=int, default=10, help="--benchmark: timed steps (after one compiling step)")
     p.add_argument("--peak_tflops", type=float, default=None,
                    help="--benchmark: the device's peak for MFU (default: the datasheet bf16 peak of a known "
