@@ -296,6 +296,13 @@ def test_t5_matches_transformers(tmp_path, ff):
     assert emb.shape == (3, 48, 32) and emb.dtype == jnp.float32
     np.testing.assert_array_equal(emb_mask, mask)
     np.testing.assert_allclose(np.asarray(emb), ref, atol=2e-5, rtol=1e-4)
+    # bfloat16 (TPU inference): weights stored in bfloat16, float32 embeddings out, close to float32
+    half = muse.load_t5(str(tmp_path), max_length=48, dtype="bfloat16")
+    assert {w.dtype for w in jax.tree.leaves(half.params)} == {jnp.dtype(jnp.bfloat16)}
+    emb16, _ = half(prompts)
+    assert emb16.dtype == jnp.float32
+    err = np.abs(np.asarray(emb16) - ref)[mask].max() / np.abs(ref[mask]).max()
+    assert 1e-4 < err < 5e-2, err                      # rounded (so bfloat16 really ran), but close
 
 
 def test_relative_position_buckets_match_transformers():

@@ -280,7 +280,7 @@ def new_run(args):
         if out.resolution <= lo.resolution:
             fail(f"--vqgan_hr resolution {out.resolution} must exceed the --vqgan resolution {lo.resolution}")
     if args.text_encoder:                       # a pretrained transformers T5 (folder or hub name)
-        enc = muse.load_t5(args.text_encoder, args.text_length)
+        enc = muse.load_t5(args.text_encoder, args.text_length, dtype=args.dtype)
         os.makedirs(args.workdir, exist_ok=True)
         enc.tokenizer.save_pretrained(os.path.join(args.workdir, "tokenizer"))
         config["tokenizer"] = "tokenizer"
