@@ -272,16 +272,23 @@ def _torch():
     return pytest.importorskip("torch")
 
 
-@pytest.mark.parametrize("ff", ["relu", "gated-gelu"])
-def test_t5_matches_transformers(tmp_path, ff):
+# the T5 families' shapes in miniature: t5 (ReLU MLP), t5-v1_1 / flan-t5 (gated GELU), byt5
+# (gated GELU and heads * d_kv != d_model: byt5-small has 6 heads of 64 on a width of 1472)
+T5_VARIANTS = {"t5": dict(feed_forward_proj="relu", d_kv=8, num_heads=4),
+               "t5-v1_1/flan-t5": dict(feed_forward_proj="gated-gelu", d_kv=8, num_heads=4),
+               "byt5": dict(feed_forward_proj="gated-gelu", d_kv=12, num_heads=3)}
+
+
+@pytest.mark.parametrize("variant", sorted(T5_VARIANTS))
+def test_t5_matches_transformers(tmp_path, variant):
     """load_t5 on a tiny random transformers checkpoint gives T5EncoderModel's outputs,
     with padding (prompts of different lengths) and on the empty prompt."""
     torch = _torch()
     from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
     torch.manual_seed(0)
-    hf = T5EncoderModel(T5Config(vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=3, num_heads=4,
-                                 feed_forward_proj=ff, relative_attention_num_buckets=8,
-                                 relative_attention_max_distance=20)).eval()
+    ff = T5_VARIANTS[variant]["feed_forward_proj"]
+    hf = T5EncoderModel(T5Config(vocab_size=384, d_model=32, d_ff=64, num_layers=3, relative_attention_num_buckets=8,
+                                 relative_attention_max_distance=20, **T5_VARIANTS[variant])).eval()
     hf.save_pretrained(tmp_path)
     ByT5Tokenizer().save_pretrained(tmp_path)
     enc = muse.load_t5(str(tmp_path), max_length=48)
