@@ -10,6 +10,10 @@ Two layouts, the ones real text-image data sets come in:
     `{a,b}`) and globs. Read with Python's `tarfile`: no extra dependency.
   - An image folder with `metadata.jsonl`: one `{"file_name": ..., "text": ...}` per line,
     file names relative to the folder (the Hugging Face `imagefolder` convention).
+And one that train.py writes itself:
+  - A token folder (`train.py tokenize`): `tokens.json` + `tokens-PPP-KKKKK.npz` files of
+    token ids (and low-res ids) with their captions, so the transformer stages can train
+    without running the tokenizer every step. Read exactly like tar shards.
 
 How the records flow, and why:
   - Sharding: process p of P reads only shards p, p + P, p + 2P, ... (an image folder is
@@ -77,6 +81,40 @@ def find_shards(spec: str) -> list[str]:
 
 def is_real_data(spec: str) -> bool:
     return spec != "shapes"
+
+
+MANIFEST = "tokens.json"
+
+
+def is_token_folder(spec: str) -> bool:
+    return os.path.exists(os.path.join(spec, MANIFEST))
+
+
+def read_manifest(folder: str) -> dict:
+    """tokens.json of a token folder (the tokenizers' configs and fingerprints) + its token files.
+
+    The files are listed from the folder, not from the manifest: on a pod every host writes
+    its own (tokens-PPP-*.npz) and only process 0 writes the manifest."""
+    with open(os.path.join(folder, MANIFEST)) as f:
+        manifest = json.load(f)
+    manifest["files"] = sorted(os.path.basename(f) for f in glob.glob(os.path.join(folder, "tokens-*.npz")))
+    return manifest
+
+
+def fingerprint(params) -> str:
+    """A short digest of a tokenizer's weights: token ids are only valid with the weights that made them."""
+    import hashlib
+    h = hashlib.sha256()
+    for x in sorted(_leaves(params), key=lambda kv: kv[0]):
+        h.update(x[0].encode())
+        h.update(np.ascontiguousarray(np.asarray(x[1], np.float32)).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _leaves(tree, prefix=""):
+    if isinstance(tree, dict):
+        return [kv for k in tree for kv in _leaves(tree[k], f"{prefix}/{k}")]
+    return [(prefix, tree)]
 
 
 # -----------------------------------------------------------------------------
@@ -178,6 +216,18 @@ def center_crop(img: Image.Image, resolution: int) -> np.ndarray:
     return np.asarray(img.crop((left, top, left + resolution, top + resolution)))
 
 
+def index_tokens(path, counts):
+    """Records of one token file: (key, (arrays, row), caption); arrays = [ids] or [ids, hr_ids]."""
+    try:
+        with np.load(path) as f:
+            arrays = [f["ids"]] + ([f["hr_ids"]] if "hr_ids" in f else [])
+            captions = f["captions"].tolist()
+    except (OSError, ValueError, KeyError):
+        counts["unreadable"] += 1
+        return []
+    return [(f"{path}:{i}", (arrays, i), c) for i, c in enumerate(captions)]
+
+
 def decode(image, resolutions):
     """A record's image at each resolution, or None if it cannot be read or decoded."""
     try:
@@ -208,7 +258,14 @@ class Reader:
         self.seed, self.process, self.resolutions = seed, process, tuple(resolutions)
         self.shuffle_buffer = shuffle_buffer
         self.counts = dict.fromkeys(SKIP_KINDS, 0)
-        if os.path.isdir(spec):
+        self.tokens = is_token_folder(spec)
+        if self.tokens:
+            files = read_manifest(spec)["files"]
+            if len(files) < num_processes:
+                raise ValueError(f"--data {spec}: {len(files)} token files for {num_processes} processes; "
+                                 "each process needs at least one of its own")
+            self.shards = [("tokens", os.path.join(spec, f)) for f in files[process::num_processes]]
+        elif os.path.isdir(spec):
             if not os.path.exists(os.path.join(spec, "metadata.jsonl")):
                 raise ValueError(f"--data {spec}: a folder needs a metadata.jsonl "
                                  '(one {"file_name": ..., "text": ...} per line)')
@@ -237,7 +294,7 @@ class Reader:
             return src
         if src not in self._index_cache:
             # counted on the first pass only: a skipped sample is one problem, not one per epoch
-            self._index_cache[src] = index_tar(src, self.counts)
+            self._index_cache[src] = (index_tokens if kind == "tokens" else index_tar)(src, self.counts)
         return self._index_cache[src]
 
     def _records(self):
@@ -262,8 +319,20 @@ class Reader:
                                  f"(skipped so far: {self.counts})")
             self.epoch += 1
 
-    def next_batch(self, b):
+    def epoch_size(self):
+        """Records in one epoch of this process (indexes every shard: headers only)."""
+        return sum(len(self._index(s)) for s in self.shards)
+
+    def next_batch(self, b, fill=True):
+        """The next b records: (one uint8 (b, S, S, 3) per resolution, b captions).
+
+        fill=False drops the rows that do not decode instead of filling them with good ones
+        (fewer than b rows then; `train.py tokenize` wants each example once).
+        """
         records = [next(self._stream) for _ in range(b)]
+        if self.tokens:                          # token ids: nothing to decode
+            return [np.stack([r[1][0][k][r[1][1]] for r in records]) for k in range(len(records[0][1][0]))], \
+                [r[2] for r in records]
         decoded = list(self.pool.map(lambda r: decode(r[1], self.resolutions), records))
         good = [i for i, d in enumerate(decoded) if d is not None]
         if not good:
@@ -273,6 +342,8 @@ class Reader:
         for i, d in enumerate(decoded):
             if d is None:
                 self.counts["corrupt"] += 1
+                if not fill:
+                    continue
                 i = good[i % len(good)]          # a corrupt row takes a good row's place
             rows.append(i)
         images = [np.stack([decoded[i][k] for i in rows]) for k in range(len(self.resolutions))]

@@ -1269,6 +1269,12 @@ def test_image_folder_and_training_on_real_data(tmp_path):
     _train(tmp_path / "base", "base", "--data", str(folder), "--vqgan", str(tmp_path / "vq"), "--steps", "2",
            "--sample_every", "2")
     assert os.path.exists(tmp_path / "base" / "samples" / "000002.png")
+    # tokenized once instead: the 12 good images, each once (the unreadable one dropped, not copied)
+    train.main(["tokenize", "--vqgan", str(tmp_path / "vq"), "--data", str(folder), "--batch_size", "8",
+                "--out", str(tmp_path / "tokens")])
+    with np.load(tmp_path / "tokens" / "tokens-000-00000.npz") as f:
+        assert f["ids"].shape == (12, 16) and sorted(c.split("#")[1] for c in f["captions"].tolist()) == \
+            sorted(str(i) for i in range(12))
 
 
 def test_bad_data_paths_fail_with_one_line(tmp_path, capsys):
@@ -1277,3 +1283,34 @@ def test_bad_data_paths_fail_with_one_line(tmp_path, capsys):
     assert e.value.code != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no such file" in err[0] and "nothing-000.tar" in err[0], err
+
+
+def test_tokenize_then_train_on_tokens(tmp_path, tiny_vqgan, tiny_vqgan_hr, capsys):
+    # the shapes world made finite, tokenized at both resolutions in two files
+    out = tmp_path / "tokens"
+    train.main(["tokenize", "--vqgan", str(tiny_vqgan), "--vqgan_hr", str(tiny_vqgan_hr), "--data", "shapes",
+                "--num_examples", "20", "--batch_size", "8", "--shard_size", "12", "--out", str(out)])
+    manifest = data.read_manifest(str(out))
+    assert manifest["files"] == ["tokens-000-00000.npz", "tokens-000-00001.npz"]
+    with np.load(out / "tokens-000-00000.npz") as f:
+        ids, hr_ids, captions = f["ids"], f["hr_ids"], f["captions"].tolist()
+    assert ids.shape == (16, 16) and hr_ids.shape == (16, 64) and ids.dtype == np.int32
+    # the ids are the tokenizers' own encodings of the scenes
+    scenes, texts = shapes.shapes_batch(0, 0, 8, 16, num_examples=20)
+    lo = sample.read_checkpoint(str(tiny_vqgan))
+    model = vqgan.VQGAN(vqgan.VQGANConfig(**lo["config"]["vqgan"]))
+    expect = vqgan.encode_jit(model, lo["params"]["vqgan"], scenes.astype(np.float32) / 127.5 - 1)
+    np.testing.assert_array_equal(ids[:8], np.asarray(expect).reshape(8, -1))
+    assert captions[:8] == texts
+    # both transformer stages train on them; the base stage reads ids, superres hr_ids from ids
+    _train(tmp_path / "base", "base", "--data", str(out), "--vqgan", str(tiny_vqgan), "--steps", "2")
+    _train(tmp_path / "sr", "superres", "--data", str(out), "--vqgan", str(tiny_vqgan),
+           "--vqgan_hr", str(tiny_vqgan_hr), "--steps", "2", "--sample_every", "2")
+    assert all(np.isfinite(r["loss"]) for r in _metrics(tmp_path / "sr"))
+    assert os.path.exists(tmp_path / "sr" / "samples" / "000002.png")
+    # tokens from another tokenizer are refused with one line
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        _train(tmp_path / "wrong", "base", "--data", str(out), "--vqgan", str(tiny_vqgan_hr), "--steps", "1")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not made by the --vqgan tokenizer" in err[0], err

@@ -79,6 +79,12 @@ def host_batch(args, step, resolutions, text_encoder=None, workers=None, reader=
     """
     b = args.batch_size // jax.process_count()
     start = jax.process_index() * b
+    if reader is not None and reader.tokens:    # `train.py tokenize` output: token ids, no images
+        arrays, texts = reader.next_batch(b)
+        batch = dict(zip(("ids", "hr_ids"), arrays))  # tokens of --vqgan, and of --vqgan_hr if it was given
+        if text_encoder is not None:
+            batch["text_ids"], batch["text_mask"] = text_encoder.tokenize(texts)
+        return dict(batch, captions=texts)
     if reader is not None:
         images, texts = reader.next_batch(b)
     else:
@@ -229,12 +235,16 @@ def setup_transformer(args, config, consts):
 
     def loss_fn(params, consts, batch, rng, step, first):
         # the frozen stages run inside the step, on the device: tokens and text embeddings
-        b = batch["images"].shape[0]
-        ids = out_vq.apply({"params": consts[out_key]}, batch["images"], method="encode").reshape(b, -1)  # (b, N)
-        lowres = None
-        if superres:
-            lowres = lo_vq.apply({"params": consts["vqgan"]}, batch["lowres_images"],
-                                 method="encode").reshape(b, -1)                                     # (b, Nlo)
+        # (or come pre-computed from a token folder: `train.py tokenize`)
+        b = batch["text_ids"].shape[0]
+        if "ids" in batch:
+            ids, lowres = (batch["hr_ids"], batch["ids"]) if superres else (batch["ids"], None)      # (b, N), (b, Nlo)
+        else:
+            ids = out_vq.apply({"params": consts[out_key]}, batch["images"], method="encode").reshape(b, -1)
+            lowres = None
+            if superres:
+                lowres = lo_vq.apply({"params": consts["vqgan"]}, batch["lowres_images"],
+                                     method="encode").reshape(b, -1)                                 # (b, Nlo)
         emb = t5.apply({"params": consts["t5"]}, batch["text_ids"], batch["text_mask"])            # (b, L, Dt)
         loss, acc = muse.masked_token_loss(model, params, ids, emb, batch["text_mask"], consts["empty_emb"],
                                            consts["empty_mask"], example_keys(rng, step, first, b), lowres)
@@ -248,12 +258,15 @@ def setup_transformer(args, config, consts):
             return
         # super-res of real low-res tokens: rows = low-res reconstruction, super-res, original
         n = min(8, len(batch["captions"]))
-        lo_ids = vqgan.encode_jit(lo_vq, consts["vqgan"], batch["lowres_images"][:n]).reshape(n, -1)
+        if "ids" in batch:                      # a token folder: the "original" is the high-res tokens' image
+            lo_ids, original = batch["ids"][:n], ids_to_images(out_vq, consts[out_key], batch["hr_ids"][:n])
+        else:
+            lo_ids = vqgan.encode_jit(lo_vq, consts["vqgan"], batch["lowres_images"][:n]).reshape(n, -1)
+            original = vqgan.to_uint8(batch["images"][:n])
         ids = generate_ids(model, params, text_encoder, batch["captions"][:n], seed=0, steps=8, lowres_ids=lo_ids)
         f = out_cfg.resolution // lo_cfg.resolution                      # nearest-neighbour upsampling factor
         up = ids_to_images(lo_vq, consts["vqgan"], lo_ids).repeat(f, 1).repeat(f, 2)
-        save_grid(np.concatenate([up, ids_to_images(out_vq, consts[out_key], ids),
-                                  vqgan.to_uint8(batch["images"][:n])]), path, cols=n)
+        save_grid(np.concatenate([up, ids_to_images(out_vq, consts[out_key], ids), original]), path, cols=n)
 
     return {"init": init, "consts": consts, "loss_fn": loss_fn, "sample_grid": sample_grid,
             "resolutions": resolutions, "text_encoder": text_encoder}
@@ -279,6 +292,14 @@ def new_run(args):
         out = vqgan.VQGANConfig(**config["vqgan_hr"])
         if out.resolution <= lo.resolution:
             fail(f"--vqgan_hr resolution {out.resolution} must exceed the --vqgan resolution {lo.resolution}")
+    if data.is_token_folder(args.data):         # token ids are only valid with the weights that made them
+        manifest = data.read_manifest(args.data)
+        if args.stage == "superres" and "vqgan_hr" not in manifest:
+            fail(f"--data {args.data}: holds one resolution; super-res needs `train.py tokenize --vqgan_hr`")
+        for key, flag in (("vqgan", "--vqgan"), ("vqgan_hr", "--vqgan_hr")):
+            if key in config and manifest[key]["fingerprint"] != data.fingerprint(consts[key]):
+                fail(f"--data {args.data}: its tokens were not made by the {flag} tokenizer "
+                     f"(re-run `train.py tokenize` with it)")
     if args.text_encoder:                       # a pretrained transformers T5 (folder or hub name)
         enc = muse.load_t5(args.text_encoder, args.text_length, dtype=args.dtype)
         os.makedirs(args.workdir, exist_ok=True)
@@ -371,10 +392,94 @@ def export(args):
     print(f"exported {args.workdir} (step {int(ckpt['step'])}) to {args.out}: {size:.1f} MB")
 
 
+# -----------------------------------------------------------------------------
+# Pre-tokenization: `train.py tokenize`
+# -----------------------------------------------------------------------------
+
+def tokenize(args):
+    """`train.py tokenize --vqgan RUN [--vqgan_hr RUN] --data SPEC --out DIR`: token ids, once.
+
+    Runs the frozen tokenizer(s) over one epoch of the data (shapes: the --num_examples
+    scenes of a finite world) and writes DIR/tokens-PPP-KKKKK.npz (process P's K-th file:
+    ids int32 (n, N) of --vqgan; with --vqgan_hr also hr_ids (n, N_hr) of the same images at
+    its resolution; captions (n,)) and DIR/tokens.json (the tokenizers' configs and weight
+    fingerprints). `train.py base|superres --data DIR` then trains on the ids and never runs
+    a tokenizer: the files are read like tar shards (per-host files, shuffle buffer, exact
+    resume), and the run checks that its --vqgan / --vqgan_hr made them.
+    """
+    if not args.out:
+        fail("tokenize: pass --out DIR")
+    tokenizers = {"vqgan": read_tokenizer(args.vqgan, "--vqgan", "tokenize needs the tokenizer to run")}
+    if args.vqgan_hr:
+        tokenizers["vqgan_hr"] = read_tokenizer(args.vqgan_hr, "--vqgan_hr", "")
+    models = [(vqgan.VQGAN(vqgan.VQGANConfig(**t["config"]["vqgan"])), t["params"]["vqgan"])
+              for t in tokenizers.values()]
+    res = [m.cfg.resolution for m, _ in models]             # (low [, high]) resolution
+    p, b = jax.process_index(), args.batch_size // jax.process_count()
+    if data.is_real_data(args.data):
+        try:                                                # this process's shards, in file order
+            reader = data.Reader(args.data, args.seed, p, jax.process_count(), res,
+                                 shuffle_buffer=1, threads=args.data_workers or 8)
+        except ValueError as e:
+            fail(str(e))
+        total = reader.epoch_size()
+        steps = -(-total // b)
+    elif args.num_examples:
+        steps = -(-args.num_examples // args.batch_size)
+    else:
+        fail("tokenize --data shapes: pass --num_examples N (the shapes world is infinite)")
+
+    def encode(model, params, x):                          # uint8 (n, S, S, 3) -> int32 (n, N)
+        pad = np.concatenate([x, np.repeat(x[-1:], b - len(x), 0)])   # one shape: one compile
+        ids = vqgan.encode_jit(model, params, pad.astype(np.float32) / 127.5 - 1.0)
+        return np.asarray(ids).reshape(b, -1)[:len(x)].astype(np.int32)
+
+    os.makedirs(args.out, exist_ok=True)
+    out, files, count = [], 0, 0
+
+    def flush():
+        nonlocal out, files
+        if out:
+            arrays = {k: np.concatenate([o[k] for o in out]) for k in out[0]}
+            path = os.path.join(args.out, f"tokens-{p:03d}-{files:05d}.npz")
+            with open(path + ".tmp", "wb") as f:           # whole, then renamed: never half a file
+                np.savez(f, **arrays)
+            os.replace(path + ".tmp", path)
+            out, files = [], files + 1
+
+    for step in tqdm(range(steps), disable=p != 0, desc="tokenize"):
+        if data.is_real_data(args.data):
+            images, captions = reader.next_batch(min(b, total - step * b), fill=False)
+        else:                                   # this process's rows of scenes [step * B, N)
+            n = min(b, args.num_examples - step * args.batch_size - p * b)
+            if n <= 0:
+                continue
+            render = functools.partial(shapes.shapes_batch, args.seed, step, args.batch_size, start=p * b,
+                                       stop=p * b + n, num_examples=args.num_examples,
+                                       holdout=shapes.parse_holdout(args.holdout))
+            images = []
+            for r in res:                       # the same scenes at each resolution
+                x, captions = render(resolution=r)
+                images.append(x)
+        ids = [encode(m, params, x) for (m, params), x in zip(models, images)]
+        out.append(dict(zip(("ids", "hr_ids"), ids), captions=np.array(captions)))
+        count += len(captions)
+        if sum(len(o["captions"]) for o in out) >= args.shard_size:
+            flush()
+    flush()
+    if p == 0:                                  # the manifest last: a folder without it is not read
+        manifest = {k: {"config": t["config"]["vqgan"], "fingerprint": data.fingerprint(t["params"]["vqgan"])}
+                    for k, t in tokenizers.items()}
+        write_atomically(os.path.join(args.out, data.MANIFEST),
+                         json.dumps(dict(manifest, data=args.data), indent=1).encode())
+    print(f"tokenized {count} examples into {files} files in {args.out}")
+
+
 def write_atomically(path, payload):
+    """payload: a pytree (msgpack) or bytes."""
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
-        f.write(serialization.msgpack_serialize(payload))
+        f.write(payload if isinstance(payload, bytes) else serialization.msgpack_serialize(payload))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)                       # atomic on POSIX
@@ -441,7 +546,7 @@ def train(args):
 
     def train_step(state, consts, batch, rng, horizon):
         step, params = state["step"], state["params"]
-        rows = batch["images"].shape[0]                         # this device's slice of the batch
+        rows = jax.tree.leaves(batch)[0].shape[0]               # this device's slice of the batch
         first = jax.lax.axis_index("batch") * rows              # global index of its first row
         if args.grad_accum == 1:
             (_, metrics), grads = grad_fn(params, consts, batch, rng, step, first)
@@ -676,15 +781,19 @@ def truncate_metrics(workdir, step):
 def parse_args(argv=None):
     p = Parser(prog="train.py", description=__doc__.split("\n\n")[0],
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("stage", choices=["vqgan", "base", "superres", "export"],
-                   help="which model to train (export: a trained run -> a small checkpoint for sampling)")
+    p.add_argument("stage", choices=["vqgan", "base", "superres", "export", "tokenize"],
+                   help="which model to train (export: a trained run -> a small checkpoint for sampling; "
+                        "tokenize: data -> token ids that base and superres can train on)")
     p.add_argument("--data", default="shapes",
                    help="training data: shapes (built-in, SHAPES.md); WebDataset tar shards, e.g. "
-                        "'cc3m/{00000..00331}.tar' (braces and globs); or a folder with metadata.jsonl")
+                        "'cc3m/{00000..00331}.tar' (braces and globs); a folder with metadata.jsonl; or "
+                        "base, superres: a folder written by `train.py tokenize`")
     p.add_argument("--shuffle_buffer", type=int, default=1000, help="real data: records in the shuffle buffer")
     p.add_argument("--workdir", default=None, help="folder for checkpoint, metrics and samples (required "
                    "unless --benchmark)")
-    p.add_argument("--out", default=None, help="export: the folder to write the small checkpoint to")
+    p.add_argument("--out", default=None, help="export: the folder to write the small checkpoint to; "
+                                                 "tokenize: the folder to write the token files to")
+    p.add_argument("--shard_size", type=int, default=10000, help="tokenize: examples per token file")
     p.add_argument("--steps", type=int, default=1000, help="total training steps (including resumed ones)")
     # default None, so that --benchmark can tell a batch asked for from the default
     p.add_argument("--batch_size", type=int, default=None,
@@ -749,8 +858,8 @@ def parse_args(argv=None):
             args.text_length = 32
         if min(args.batch_size, args.text_length, args.bench_steps) < 1:
             p.error("--batch_size, --text_length and --bench_steps must be at least 1")
-    elif not args.workdir:
-        p.error("the following arguments are required: --workdir (unless --benchmark)")
+    elif not args.workdir and args.stage != "tokenize":
+        p.error("the following arguments are required: --workdir (unless --benchmark or tokenize)")
     if args.batch_size is None:
         args.batch_size = 64
     if args.text_length is None:
@@ -767,6 +876,8 @@ def main(argv=None):
         return
     if args.stage == "export":
         return export(args)
+    if args.stage == "tokenize":
+        return tokenize(args)
     if args.multihost:
         jax.distributed.initialize()
     return train(args)
