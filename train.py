@@ -276,6 +276,8 @@ def new_run(args):
     """The full config of a new run (stored in its checkpoint: resume and sampling read it)
     and its frozen arrays (`consts`: the tokenizers and the text encoder)."""
     train_args = {k: getattr(args, k) for k in RESUMED_ARGS}
+    if data.is_token_folder(args.data) and args.stage == "vqgan":
+        fail(f"--data {args.data} holds token ids; the tokenizer trains on images")
     if args.stage == "vqgan":
         cfg = vqgan.PRESETS[args.preset or "shapes"]
         if args.adv_weight is not None:
@@ -417,7 +419,9 @@ def tokenize(args):
     res = [m.cfg.resolution for m, _ in models]             # (low [, high]) resolution
     p, b = jax.process_index(), args.batch_size // jax.process_count()
     if data.is_real_data(args.data):
-        try:                                                # this process's shards, in file order
+        if data.is_token_folder(args.data):
+            fail(f"tokenize: --data {args.data} holds token ids already; pass the images it was made from")
+        try:                                                # this process's shards, records unshuffled
             reader = data.Reader(args.data, args.seed, p, jax.process_count(), res,
                                  shuffle_buffer=1, threads=args.data_workers or 8)
         except ValueError as e:
