@@ -554,6 +554,9 @@ def parse_args(argv=None):
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale, 0 = off (default: 3, or 4 with --edit as in the paper)")
     p.add_argument("--temperature", type=float, default=1.0, help="token sampling temperature")
+    p.add_argument("--sr_guidance", type=float, default=None, help="super-res guidance (default: --guidance)")
+    p.add_argument("--sr_temperature", type=float, default=None,
+                   help="super-res token sampling temperature (default: --temperature)")
     p.add_argument("--choice_temperature", type=float, default=4.5,
                    help="Gumbel noise on the confidences at step 0, annealed to 0 (MaskGIT)")
     p.add_argument("--negative", default=None, help="negative prompt, used in place of the empty prompt")
@@ -657,8 +660,10 @@ def run(args, base, sr, prompts, seed):
     # the low-res images are decoded only when asked for (--lowres-out): a decoder compile is ~1 s
     lo_images = ids_to_images(base.vq, base.vq_params, lo_ids) if args.lowres_out else None
     hr_ids = generate_ids(sr.model, sr.params, sr.text_encoder, prompts, seed=seed + 1, steps=args.sr_steps,
-                          guidance=args.guidance, choice_temperature=args.choice_temperature,
-                          init_ids=rep(init_hr), lowres_ids=lo_ids, **kw)
+                          guidance=args.guidance if args.sr_guidance is None else args.sr_guidance,
+                          choice_temperature=args.choice_temperature, init_ids=rep(init_hr), lowres_ids=lo_ids,
+                          temperature=args.temperature if args.sr_temperature is None else args.sr_temperature,
+                          negative=args.negative)
     return ids_to_images(sr.vq, sr.vq_params, hr_ids), lo_images
 
 

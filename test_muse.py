@@ -1007,6 +1007,13 @@ def test_editing_modes_end_to_end_through_superres(tmp_path, tiny_base, tiny_sup
         sample.main(["a red square", *common, *extra, "--out", str(out), "--lowres-out", str(tmp_path / "lo.png")])
         assert Image.open(out).size == (S_hr, S_hr), extra
         assert Image.open(tmp_path / "lo.png").size == (S_hr // 2, S_hr // 2)
+    # the super-res stage's own guidance and temperature leave the base stage's images alone
+    lows = []
+    for extra in ([], ["--sr_guidance", "0", "--sr_temperature", "0.5"]):
+        sample.main(["a red square", *common, *extra, "--out", str(tmp_path / "o.png"),
+                     "--lowres-out", str(tmp_path / "lo.png")])
+        lows.append(np.asarray(Image.open(tmp_path / "lo.png")))
+    np.testing.assert_array_equal(*lows)
 
 
 def test_bad_masks_get_a_clear_error(tmp_path, tiny_base, capsys):
