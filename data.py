@@ -243,10 +243,11 @@ def decode(image, resolutions):
 # -----------------------------------------------------------------------------
 
 class Reader:
-    """Batches of one process's share of a tar-shard or image-folder data set.
+    """Batches of one process's share of a tar-shard, image-folder or token-folder data set.
 
         reader = Reader(spec, seed, process, num_processes, resolutions, start_record=0)
         images, captions = reader.next_batch(b)   # images: one uint8 (b, S, S, 3) per resolution
+                                                  # (a token folder: [ids (b, N)] or [ids, hr_ids])
 
     `reader.counts` holds the skip counts so far and `reader.epoch` the current epoch.
     A resumed run passes start_record = step * b, and the stream continues exactly where
