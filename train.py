@@ -591,8 +591,9 @@ def train(args):
     last_ckpt = start if args.resume else None  # step of the last checkpoint written (all finite)
 
     # spawn, not fork: a forked child of a process that has started JAX can deadlock
+    # (shapes only: real data decodes in data.Reader's threads)
     workers = ProcessPoolExecutor(args.data_workers, mp_context=multiprocessing.get_context("spawn")) \
-        if args.data_workers else None
+        if args.data_workers and not data.is_real_data(args.data) else None
 
     reader = None
     if data.is_real_data(args.data):
