@@ -15,7 +15,8 @@
 # `python sample.py --checkpoint RUNS/demo` reads (copy it to checkpoints/demo to ship it).
 #
 # How the shipped files were made (README.md, "The demo checkpoint"): rounds 1 and 2's base
-# model on an H200 with the gpu settings, the rest on the 2-core CPU with the cpu settings.
+# model on an H200 with the gpu settings, the rest on the 2-core CPU with the cpu settings,
+# except that the super-res model trained longer (--time_limit 3600, then resumed for 2400).
 set -euo pipefail
 mode=${1:?usage: train_demo.sh gpu|cpu|test RUNS}
 runs=${2:?usage: train_demo.sh gpu|cpu|test RUNS}
