@@ -38,6 +38,7 @@ How the records flow, and why:
     is an error (the data is broken, not one sample).
 """
 import glob
+import hashlib
 import io
 import json
 import os
@@ -46,6 +47,7 @@ import tarfile
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from flax import traverse_util
 from PIL import Image
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -103,18 +105,11 @@ def read_manifest(folder: str) -> dict:
 
 def fingerprint(params) -> str:
     """A short digest of a tokenizer's weights: token ids are only valid with the weights that made them."""
-    import hashlib
     h = hashlib.sha256()
-    for x in sorted(_leaves(params), key=lambda kv: kv[0]):
-        h.update(x[0].encode())
-        h.update(np.ascontiguousarray(np.asarray(x[1], np.float32)).tobytes())
+    for path, w in sorted(traverse_util.flatten_dict(params, sep="/").items()):
+        h.update(path.encode())
+        h.update(np.ascontiguousarray(np.asarray(w, np.float32)).tobytes())
     return h.hexdigest()[:16]
-
-
-def _leaves(tree, prefix=""):
-    if isinstance(tree, dict):
-        return [kv for k in tree for kv in _leaves(tree[k], f"{prefix}/{k}")]
-    return [(prefix, tree)]
 
 
 # -----------------------------------------------------------------------------
@@ -203,17 +198,19 @@ def read_bytes(image):
 
 
 def center_crop(img: Image.Image, resolution: int) -> np.ndarray:
-    """Resize the shorter side to `resolution` (bicubic, antialiased), crop the centre square.
+    """The centre square of an image, resized to `resolution` (bicubic, antialiased).
 
-    uint8 (resolution, resolution, 3). A low-res copy for super-resolution is made from the
-    same crop, so both resolutions show exactly the same content.
+    uint8 (resolution, resolution, 3). Cropped before resizing (PIL's `box`), so the sides
+    that are thrown away are never resampled. A low-res copy for super-resolution is made
+    from the same crop, so both resolutions show exactly the same content; sample.py crops
+    --init images the same way.
     """
     w, h = img.size
-    s = resolution / min(w, h)
-    nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
-    img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=None if s > 0.5 else 2.0)
-    left, top = (nw - resolution) // 2, (nh - resolution) // 2
-    return np.asarray(img.crop((left, top, left + resolution, top + resolution)))
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    reducing_gap = 2.0 if side >= 2 * resolution else None     # large shrinks: box-reduce first (faster)
+    return np.asarray(img.resize((resolution, resolution), Image.BICUBIC, box=(left, top, left + side, top + side),
+                                 reducing_gap=reducing_gap))
 
 
 def index_tokens(path, counts):

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from flax import serialization
 from PIL import Image
 
+import data
 import muse
 import vqgan
 
@@ -173,7 +174,8 @@ def load_pipeline(path, superres=None):
 # -----------------------------------------------------------------------------
 
 def centre_square(a):
-    """The central square of an (H, W, ...) array: how an --init image and its mask are cropped."""
+    """The central square of an (H, W, ...) array: how an inpainting mask is cropped (the same
+    square data.center_crop takes of the --init image)."""
     h, w = a.shape[:2]
     side = min(h, w)
     return a[(h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
@@ -185,8 +187,7 @@ def load_image(path, resolution, what="--init"):
         img = Image.open(path).convert("RGB")
     except (OSError, ValueError) as e:
         fail(f"{what} {path}: not a readable image ({e})")
-    img = Image.fromarray(centre_square(np.asarray(img))).resize((resolution, resolution), Image.BICUBIC)
-    return np.asarray(img, np.float32) / 127.5 - 1.0
+    return vqgan.from_uint8(data.center_crop(img, resolution))
 
 
 def load_mask(path, image_path):
@@ -505,7 +506,7 @@ def evaluate(args, base, sr):
     captions = [c for _, c, _ in prompts]
     renders = np.stack([shapes.render(objects, S) for _, _, objects in prompts])        # (P, S, S, 3) uint8
     recon = np.concatenate([ids_to_images(final.vq, final.vq_params, vqgan.encode_jit(
-        final.vq, final.vq_params, renders[i:i + 64] / 127.5 - 1.0)) for i in range(0, len(prompts), 64)])
+        final.vq, final.vq_params, vqgan.from_uint8(renders[i:i + 64]))) for i in range(0, len(prompts), 64)])
     generated = run_in_batches(args, base, sr, captions)
     if args.outdir:
         os.makedirs(args.outdir, exist_ok=True)
@@ -642,7 +643,6 @@ def editing_init(args, base, sr):
 
 def run(args, base, sr, prompts, seed):
     """Prompts -> (final uint8 images, low-res images or None), in the mode the flags ask."""
-    kw = dict(temperature=args.temperature, negative=args.negative)
     B = len(prompts)
     if args.edit:                                # mask-free editing (§2.6.2), at both scales
         lowres, images = None, []
@@ -659,17 +659,16 @@ def run(args, base, sr, prompts, seed):
     init_lo, init_hr = editing_init(args, base, sr) if args.init else (None, None)
     rep = lambda x: None if x is None else jnp.asarray(np.repeat(x, B, 0))
     lo_ids = generate_ids(base.model, base.params, base.text_encoder, prompts, seed=seed, steps=args.steps,
-                          guidance=args.guidance, choice_temperature=args.choice_temperature,
-                          init_ids=rep(init_lo), **kw)
+                          guidance=args.guidance, temperature=args.temperature,
+                          choice_temperature=args.choice_temperature, negative=args.negative, init_ids=rep(init_lo))
     if sr is None:
         return ids_to_images(base.vq, base.vq_params, lo_ids), None
     # the low-res images are decoded only when asked for (--lowres-out): a decoder compile is ~1 s
     lo_images = ids_to_images(base.vq, base.vq_params, lo_ids) if args.lowres_out else None
     hr_ids = generate_ids(sr.model, sr.params, sr.text_encoder, prompts, seed=seed + 1, steps=args.sr_steps,
-                          guidance=args.sr_guidance,
-                          choice_temperature=args.choice_temperature, init_ids=rep(init_hr), lowres_ids=lo_ids,
-                          temperature=args.sr_temperature,
-                          negative=args.negative)
+                          guidance=args.sr_guidance, temperature=args.sr_temperature,
+                          choice_temperature=args.choice_temperature, negative=args.negative,
+                          init_ids=rep(init_hr), lowres_ids=lo_ids)
     return ids_to_images(sr.vq, sr.vq_params, hr_ids), lo_images
 
 

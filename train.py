@@ -82,11 +82,9 @@ def host_batch(args, step, resolutions, text_encoder=None, workers=None, reader=
     if reader is not None and reader.tokens:    # `train.py tokenize` output: token ids, no images
         arrays, texts = reader.next_batch(b)
         batch = dict(zip(("ids", "hr_ids"), arrays))  # tokens of --vqgan, and of --vqgan_hr if it was given
-        if text_encoder is not None:
-            batch["text_ids"], batch["text_mask"] = text_encoder.tokenize(texts)
-        return dict(batch, captions=texts)
-    if reader is not None:
+    elif reader is not None:
         images, texts = reader.next_batch(b)
+        batch = {key: vqgan.from_uint8(x) for key, x in zip(("images", "lowres_images"), images)}
     else:
         images = []
         for res in resolutions:
@@ -101,11 +99,21 @@ def host_batch(args, step, resolutions, text_encoder=None, workers=None, reader=
                 parts = [p.result() for p in parts]
                 rows, texts = np.concatenate([p[0] for p in parts]), sum((p[1] for p in parts), [])
             images.append(rows)
-    batch = {key: x.astype(np.float32) / 127.5 - 1.0 for key, x in zip(("images", "lowres_images"), images)}
+        batch = {key: vqgan.from_uint8(x) for key, x in zip(("images", "lowres_images"), images)}
     if text_encoder is not None:
         batch["text_ids"], batch["text_mask"] = text_encoder.tokenize(texts)
     batch["captions"] = texts
     return batch
+
+
+def open_reader(args, resolutions, start_record=0, shuffle_buffer=None):
+    """This process's data.Reader over --data (real data), or a one-line error."""
+    try:
+        return data.Reader(args.data, args.seed, jax.process_index(), jax.process_count(), resolutions,
+                           start_record=start_record, shuffle_buffer=shuffle_buffer or args.shuffle_buffer,
+                           threads=args.data_workers or 8)
+    except ValueError as e:
+        fail(str(e))
 
 
 def shard(tree, n):
@@ -421,11 +429,7 @@ def tokenize(args):
     if data.is_real_data(args.data):
         if data.is_token_folder(args.data):
             fail(f"tokenize: --data {args.data} holds token ids already; pass the images it was made from")
-        try:                                                # this process's shards, records unshuffled
-            reader = data.Reader(args.data, args.seed, p, jax.process_count(), res,
-                                 shuffle_buffer=1, threads=args.data_workers or 8)
-        except ValueError as e:
-            fail(str(e))
+        reader = open_reader(args, res, shuffle_buffer=1)   # this process's shards, records unshuffled
         total = reader.epoch_size()
         steps = -(-total // b)
     elif args.num_examples:
@@ -433,9 +437,9 @@ def tokenize(args):
     else:
         fail("tokenize --data shapes: pass --num_examples N (the shapes world is infinite)")
 
-    def encode(model, params, x):                          # uint8 (n, S, S, 3) -> int32 (n, N)
+    def encode(model, params, x):                          # float (n, S, S, 3) in [-1, 1] -> int32 (n, N)
         pad = np.concatenate([x, np.repeat(x[-1:], b - len(x), 0)])   # one shape: one compile
-        ids = vqgan.encode_jit(model, params, pad.astype(np.float32) / 127.5 - 1.0)
+        ids = vqgan.encode_jit(model, params, pad)
         return np.asarray(ids).reshape(b, -1)[:len(x)].astype(np.int32)
 
     os.makedirs(args.out, exist_ok=True)
@@ -454,17 +458,16 @@ def tokenize(args):
     for step in tqdm(range(steps), disable=p != 0, desc="tokenize"):
         if data.is_real_data(args.data):
             images, captions = reader.next_batch(min(b, total - step * b), fill=False)
-        else:                                   # this process's rows of scenes [step * B, N)
+            images = [vqgan.from_uint8(x) for x in images]
+        else:                                   # training's rows of step `step`, only scenes < N
             n = min(b, args.num_examples - step * args.batch_size - p * b)
             if n <= 0:
                 continue
-            render = functools.partial(shapes.shapes_batch, args.seed, step, args.batch_size, start=p * b,
-                                       stop=p * b + n, num_examples=args.num_examples,
-                                       holdout=shapes.parse_holdout(args.holdout))
             images = []
-            for r in res:                       # the same scenes at each resolution
-                x, captions = render(resolution=r)
-                images.append(x)
+            for r in res:                       # the same scenes at each tokenizer's resolution
+                rows = host_batch(args, step, (r,))
+                images.append(rows["images"][:n])
+            captions = rows["captions"][:n]
         ids = [encode(m, params, x) for (m, params), x in zip(models, images)]
         out.append(dict(zip(("ids", "hr_ids"), ids), captions=np.array(captions)))
         count += len(captions)
@@ -595,16 +598,10 @@ def train(args):
     workers = ProcessPoolExecutor(args.data_workers, mp_context=multiprocessing.get_context("spawn")) \
         if args.data_workers and not data.is_real_data(args.data) else None
 
-    reader = None
-    if data.is_real_data(args.data):
-        # this process's shards, streamed; a resumed run replays the index of the records
-        # already trained on (step * rows per host: each step takes exactly that many)
-        try:
-            reader = data.Reader(args.data, args.seed, jax.process_index(), jax.process_count(),
-                                 setup["resolutions"], start_record=start * (args.batch_size // jax.process_count()),
-                                 shuffle_buffer=args.shuffle_buffer, threads=args.data_workers or 8)
-        except ValueError as e:
-            fail(str(e))
+    # real data: this process's shards, streamed; a resumed run replays the index of the
+    # records already trained on (step * rows per host: each step takes exactly that many)
+    reader = open_reader(args, setup["resolutions"], start_record=start * (args.batch_size // jax.process_count())) \
+        if data.is_real_data(args.data) else None
 
     def fetch(step):
         batch = host_batch(args, step, setup["resolutions"], setup["text_encoder"], workers=workers, reader=reader)
@@ -881,10 +878,10 @@ def main(argv=None):
         return
     if args.stage == "export":
         return export(args)
-    if args.stage == "tokenize":
-        return tokenize(args)
     if args.multihost:
         jax.distributed.initialize()
+    if args.stage == "tokenize":
+        return tokenize(args)
     return train(args)
 
 

@@ -291,6 +291,11 @@ decode_jit = jax.jit(lambda model, params, ids: model.apply({"params": params}, 
                      static_argnums=0)
 
 
+def from_uint8(pixels):
+    """uint8 pixels -> float32 images in [-1, 1] (the VQGAN's convention; inverse of to_uint8)."""
+    return np.asarray(pixels, np.float32) / 127.5 - 1.0
+
+
 def to_uint8(images):
     """[-1, 1] float images (the VQGAN's convention) -> uint8 pixels."""
     return np.asarray(jnp.clip((images + 1.0) * 127.5 + 0.5, 0, 255)).astype(np.uint8)
