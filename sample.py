@@ -431,9 +431,16 @@ def _position_holds(position, cx, cy):
             "center": middle(cx) and middle(cy)}[position]
 
 
+# What check_image's reasons name first: a wrong number of objects of some colour (a missing
+# object, an extra one, a wrong colour), then per object its shape, size and position, then
+# the relation between two objects.
+FAILURE_KINDS = ("count", "shape", "size", "position", "relation")
+
+
 def check_image(image, caption):
     """uint8 (S, S, 3), caption -> (passes, reason): whether every colour, count, shape,
-    size, position and relation the caption states holds; reason is "" on a pass."""
+    size, position and relation the caption states holds; reason is "" on a pass, else the
+    first thing that failed, prefixed by its kind (one of FAILURE_KINDS and a colon)."""
     spec = parse_caption(caption)
     found = find_objects(image)
     # Counts per colour, over every colour: an unnamed colour expects 0, so a distractor fails.
@@ -441,20 +448,20 @@ def check_image(image, caption):
     for color, got in by_color.items():
         want = sum(o["color"] == color for o in spec["objects"])
         if len(got) != want:
-            return False, f"expected {want} {color} object{'s' * (want != 1)}, found {len(got)}"
+            return False, f"count: expected {want} {color} object{'s' * (want != 1)}, found {len(got)}"
     # The counts match, and named objects differ in colour (templates 1-4) or are alike
     # (template 5), so each takes the next found object of its colour.
     matched = [by_color[want["color"]].pop(0) for want in spec["objects"]]
     for want, got in zip(spec["objects"], matched):
         what = f"{want['color']} object"
         if got["shape"] != want["shape"]:
-            return False, f"{what} is a {got['shape']} (fill {got['fill']:.2f}), expected a {want['shape']}"
+            return False, f"shape: {what} is a {got['shape']} (fill {got['fill']:.2f}), expected a {want['shape']}"
         if want["size"] == "small" and not got["size"] < SMALL_BELOW:
-            return False, f"{what} has side {got['size']:.2f}, expected small (< {SMALL_BELOW})"
+            return False, f"size: {what} has side {got['size']:.2f}, expected small (< {SMALL_BELOW})"
         if want["size"] == "large" and not got["size"] > LARGE_ABOVE:
-            return False, f"{what} has side {got['size']:.2f}, expected large (> {LARGE_ABOVE})"
+            return False, f"size: {what} has side {got['size']:.2f}, expected large (> {LARGE_ABOVE})"
         if want["position"] and not _position_holds(want["position"], got["cx"], got["cy"]):
-            return False, f"{what} centred at ({got['cx']:.2f}, {got['cy']:.2f}), expected {want['position']}"
+            return False, f"position: {what} centred at ({got['cx']:.2f}, {got['cy']:.2f}), expected {want['position']}"
     if spec["relation"]:
         # y grows downward, so "above" is a smaller cy. The 0.2*S minimum distance of
         # SHAPES.md is a guarantee about how scenes are drawn, not part of what the
@@ -465,8 +472,8 @@ def check_image(image, caption):
                  "above": dy > 0 and abs(dy) > abs(dx), "below": dy < 0 and abs(dy) > abs(dx)}
         if not holds[spec["relation"]]:
             words = {"left": "left of", "right": "right of"}.get(spec["relation"], spec["relation"])
-            return False, (f"{a['color']} object not {words} the {b['color']} one "
-                           f"(relation; dx {dx:.2f}, dy {dy:.2f})")
+            return False, (f"relation: {a['color']} object not {words} the {b['color']} one "
+                           f"(dx {dx:.2f}, dy {dy:.2f})")
     return True, ""
 
 
@@ -517,7 +524,8 @@ def evaluate(args, base, sr):
             ok, why = check_image(image, caption)
             passed.setdefault(group, []).append(ok)
             if name == "generated":
-                results.append({"i": i, "template": group, "caption": caption, "pass": ok, "reason": why})
+                results.append({"i": i, "template": group, "caption": caption, "pass": ok, "reason": why,
+                                "kind": why.split(":")[0] if why else ""})
                 if args.outdir:
                     Image.fromarray(image).save(os.path.join(args.outdir, f"{i:03d}.png"))
         row = {str(g): float(np.mean(v)) for g, v in passed.items()}
@@ -535,7 +543,12 @@ def evaluate(args, base, sr):
     print(f"{'':16s}" + "".join(f"{c:>10s}" for c in cols))
     for name, row in rows.items():
         print(f"{name:16s}" + "".join(f"{100 * row[c]:9.1f}%" for c in cols))
-    return {"prompts": len(prompts), "resolution": S, "tokenizer_l1": l1, "holdout": list(holdout), **rows}
+    # what failed first in each failing generated image (all templates and held-out)
+    failures = {k: sum(r["kind"] == k for r in results) for k in FAILURE_KINDS}
+    print(f"generated, first failure: " + ", ".join(f"{k} {n}" for k, n in failures.items())
+          + f" (of {len(results)} prompts)")
+    return {"prompts": len(prompts), "resolution": S, "tokenizer_l1": l1, "holdout": list(holdout), **rows,
+            "failures": failures}
 
 
 class Parser(argparse.ArgumentParser):

@@ -725,6 +725,9 @@ def test_evaluate_scores_renders_reconstructions_and_samples(tmp_path, tiny_base
         results = [json.loads(line) for line in f]
     assert len(results) == 5 and os.path.exists(tmp_path / "004.png")
     assert out["generated"]["overall"] == np.mean([r["pass"] for r in results])
+    # every failure is counted once, under the kind its reason starts with
+    assert sum(out["failures"].values()) == sum(not r["pass"] for r in results)
+    assert all(r["reason"].startswith(r["kind"] + ": ") for r in results if not r["pass"])
 
 
 def test_sample_cli_writes_images(tmp_path, tiny_base):
@@ -1098,15 +1101,15 @@ def test_check_image_passes_the_renderers_own_images(S):
 
 
 # Words whose replacement contradicts any image of the original caption (the renderer keeps
-# positions and relations clear of the thresholds), and a fragment of the checker's reason.
+# positions and relations clear of the thresholds), and the start of the checker's reason.
 CONTRADICTIONS = {
-    "on the left": ("on the right", "expected right"), "on the right": ("on the left", "expected left"),
-    "at the top": ("at the bottom", "expected bottom"), "at the bottom": ("at the top", "expected top"),
-    "in the center": ("on the left", "expected left"),
-    "to the left of": ("to the right of", "relation"), "to the right of": ("to the left of", "relation"),
-    "above": ("below", "relation"), "below": ("above", "relation"),
-    "small": ("large", "expected large"), "large": ("small", "expected small"),
-    "two": ("three", "expected 3"), "three": ("two", "expected 2"),
+    "on the left": ("on the right", "position: "), "on the right": ("on the left", "position: "),
+    "at the top": ("at the bottom", "position: "), "at the bottom": ("at the top", "position: "),
+    "in the center": ("on the left", "position: "),
+    "to the left of": ("to the right of", "relation: "), "to the right of": ("to the left of", "relation: "),
+    "above": ("below", "relation: "), "below": ("above", "relation: "),
+    "small": ("large", "size: "), "large": ("small", "size: "),
+    "two": ("three", "count: expected 3"), "three": ("two", "count: expected 2"),
 }
 
 
@@ -1116,8 +1119,8 @@ def _wrong_captions(caption):
     unused = next(c for c in shapes.COLORS if c not in caption.split())
     other = next(s for s in shapes.SHAPES if s != first["shape"])
     # The first colour and shape word belong to object 0 (a plural "circles" contains "circle").
-    wrong = {caption.replace(first["color"], unused, 1): ", found",  # a count per colour
-             caption.replace(first["shape"], other, 1): f"is a {first['shape']}"}
+    wrong = {caption.replace(first["color"], unused, 1): "count: ",  # a count per colour
+             caption.replace(first["shape"], other, 1): f"shape: {first['color']} object is a {first['shape']}"}
     for phrase, (opposite, reason) in CONTRADICTIONS.items():
         if f" {phrase} " in f" {caption} ":
             wrong[f" {caption} ".replace(f" {phrase} ", f" {opposite} ").strip()] = reason
@@ -1134,20 +1137,21 @@ def test_check_image_rejects_captions_the_image_contradicts():
             assert len(wrong) == (2 if template == 1 else 3), wrong
             for bad, reason in wrong.items():
                 ok, why = sample.check_image(image, bad)
-                assert not ok and reason in why, (caption, bad, why)
+                assert not ok and why.startswith(reason), (caption, bad, why)
+                assert why.split(":")[0] in sample.FAILURE_KINDS
 
 
 def test_check_image_rejects_blank_images_and_distractors():
     blank = np.full((64, 64, 3), 255, np.uint8)
     for caption, _ in _scenes(n=20):
         ok, why = sample.check_image(blank, caption)
-        assert not ok and why.startswith("expected") and why.endswith("found 0"), (caption, why)
+        assert not ok and why.startswith("count: expected") and why.endswith("found 0"), (caption, why)
     for seed in range(10):  # a scene of two: the second object is a distractor to a caption naming the first
         _, (a, b) = shapes.sample_scene(np.random.default_rng(seed), 4)
         caption = f"a {a['color']} {a['shape']}"
         assert sample.check_image(shapes.render([a], 64), caption) == (True, "")
         ok, why = sample.check_image(shapes.render([a, b], 64), caption)
-        assert not ok and why == f"expected 0 {b['color']} objects, found 1", why
+        assert not ok and why == f"count: expected 0 {b['color']} objects, found 1", why
 
 
 # =============================================================================
