@@ -234,7 +234,13 @@ def outpaint_tokens(ids, direction, n, mask_id):
 
 def encode_image(stage, image):
     """float (S, S, 3) -> int32 token ids (1, N) of the stage's tokenizer."""
-    return np.asarray(vqgan.encode_jit(stage.vq, stage.vq_params, image[None])).reshape(1, -1)
+    return encode_images(stage, image[None])
+
+
+def encode_images(stage, images, chunk=64):
+    """float (B, S, S, 3) in [-1, 1] -> int32 token ids (B, N), `chunk` images at a time."""
+    ids = [vqgan.encode_jit(stage.vq, stage.vq_params, images[i:i + chunk]) for i in range(0, len(images), chunk)]
+    return np.concatenate([np.asarray(x).reshape(len(x), -1) for x in ids])
 
 
 # Dense bfloat16 matmul peaks (no sparsity) in TFLOP/s, by a substring of jax's device_kind,
@@ -498,9 +504,12 @@ def evaluation_prompts(num, seed, holdout):
 def evaluate(args, base, sr):
     """`sample.py --evaluate shapes`: how often the pipeline draws what the prompt says.
 
-    Three rows, each scored by `check_image` on the final images (64 px with super-res):
+    Rows, each scored by `check_image` on the final images (64 px with super-res):
       renders          the renderer's own images: checks the checker (should be ~100%)
       reconstructions  the renders through the final tokenizer: the ceiling it allows
+      super-res only   (with super-res) the super-res stage given the true low-res tokens
+                       (the renders through the base tokenizer) and its sampling flags:
+                       the stage's own errors, with the base model out of the loop
       generated        the pipeline's samples at the sampling flags given (the defaults)
     Columns: each template, 'held-out' (relations with colour-shape pairs kept out of
     training by `train.py --holdout`) and the overall score over templates 1-5.
@@ -512,25 +521,38 @@ def evaluate(args, base, sr):
     prompts = evaluation_prompts(args.num, args.seed, holdout)
     captions = [c for _, c, _ in prompts]
     renders = np.stack([shapes.render(objects, S) for _, _, objects in prompts])        # (P, S, S, 3) uint8
-    recon = np.concatenate([ids_to_images(final.vq, final.vq_params, vqgan.encode_jit(
-        final.vq, final.vq_params, vqgan.from_uint8(renders[i:i + 64]))) for i in range(0, len(prompts), 64)])
-    generated = run_in_batches(args, base, sr, captions)
+    recon = ids_to_images(final.vq, final.vq_params, encode_images(final, vqgan.from_uint8(renders)))
+    rows = [("renders", renders), ("reconstructions", recon)]
+    if sr:
+        S_lo = base.vq.cfg.resolution
+        lo_ids = encode_images(base, vqgan.from_uint8(np.stack([shapes.render(o, S_lo) for _, _, o in prompts])))
+
+        def superres(chunk, seed):              # seeded as run() seeds the super-res stage
+            hr_ids = generate_ids(sr.model, sr.params, sr.text_encoder, [c for c, _ in chunk], seed=seed + 1,
+                                  steps=args.sr_steps, guidance=args.sr_guidance, temperature=args.sr_temperature,
+                                  choice_temperature=args.choice_temperature, negative=args.negative,
+                                  lowres_ids=jnp.asarray(np.stack([ids for _, ids in chunk])))
+            return ids_to_images(sr.vq, sr.vq_params, hr_ids)
+        rows.append(("super-res only", in_batches(args, list(zip(captions, lo_ids)), superres)))
+    rows.append(("generated", in_batches(args, captions, lambda chunk, seed: run(args, base, sr, chunk, seed)[0])))
     if args.outdir:
         os.makedirs(args.outdir, exist_ok=True)
-    rows, results = {}, []
-    for name, images in (("renders", renders), ("reconstructions", recon), ("generated", generated)):
-        passed = {}
+    scores, failures, results = {}, {}, []
+    for name, images in rows:
+        passed, kinds = {}, []
         for i, ((group, caption, _), image) in enumerate(zip(prompts, images)):
             ok, why = check_image(image, caption)
             passed.setdefault(group, []).append(ok)
+            kinds.append(why.split(":")[0] if why else "")
             if name == "generated":
                 results.append({"i": i, "template": group, "caption": caption, "pass": ok, "reason": why,
-                                "kind": why.split(":")[0] if why else ""})
+                                "kind": kinds[-1]})
                 if args.outdir:
                     Image.fromarray(image).save(os.path.join(args.outdir, f"{i:03d}.png"))
         row = {str(g): float(np.mean(v)) for g, v in passed.items()}
         row["overall"] = float(np.mean([ok for g, v in passed.items() if g != "held-out" for ok in v]))
-        rows[name] = row
+        scores[name] = row
+        failures[name] = {k: kinds.count(k) for k in FAILURE_KINDS}   # what failed first, all prompts
     if args.outdir:
         with open(os.path.join(args.outdir, "results.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in results)
@@ -541,13 +563,13 @@ def evaluate(args, base, sr):
           f"{args.temperature}, steps {args.steps}{sr_settings if sr else ''}; tokenizer L1 error {l1:.4f} "
           f"(pixels in [0, 1])")
     print(f"{'':16s}" + "".join(f"{c:>10s}" for c in cols))
-    for name, row in rows.items():
+    for name, row in scores.items():
         print(f"{name:16s}" + "".join(f"{100 * row[c]:9.1f}%" for c in cols))
-    # what failed first in each failing generated image (all templates and held-out)
-    failures = {k: sum(r["kind"] == k for r in results) for k in FAILURE_KINDS}
-    print(f"generated, first failure: " + ", ".join(f"{k} {n}" for k, n in failures.items())
-          + f" (of {len(results)} prompts)")
-    return {"prompts": len(prompts), "resolution": S, "tokenizer_l1": l1, "holdout": list(holdout), **rows,
+    print(f"\nfailures by kind (the first thing check_image found wrong), of {len(prompts)} prompts")
+    print(f"{'':16s}" + "".join(f"{k:>10s}" for k in FAILURE_KINDS))
+    for name, row in failures.items():
+        print(f"{name:16s}" + "".join(f"{row[k]:10d}" for k in FAILURE_KINDS))
+    return {"prompts": len(prompts), "resolution": S, "tokenizer_l1": l1, "holdout": list(holdout), **scores,
             "failures": failures}
 
 
@@ -685,15 +707,15 @@ def run(args, base, sr, prompts, seed):
     return ids_to_images(sr.vq, sr.vq_params, hr_ids), lo_images
 
 
-def run_in_batches(args, base, sr, prompts):
-    """run() over many prompts, --batch_size at a time (seed + index of the batch's first
-    prompt) -> uint8 (len(prompts), S, S, 3). The last batch is padded to full size so that
-    it reuses the compiled program."""
+def in_batches(args, items, fn):
+    """fn(chunk, seed) -> uint8 images, over `items` --batch_size at a time (seed: --seed + the
+    index of the chunk's first item) -> uint8 (len(items), S, S, 3). The last chunk is padded
+    to full size so that it reuses the compiled program."""
     images = []
-    for start in range(0, len(prompts), args.batch_size):
-        chunk = prompts[start:start + args.batch_size]
+    for start in range(0, len(items), args.batch_size):
+        chunk = items[start:start + args.batch_size]
         padded = chunk + [chunk[-1]] * (args.batch_size - len(chunk))
-        images.append(run(args, base, sr, padded, seed=args.seed + start)[0][:len(chunk)])
+        images.append(fn(padded, args.seed + start)[:len(chunk)])
     return np.concatenate(images)
 
 
@@ -716,7 +738,7 @@ def main(argv=None):
         return
     if args.prompts_file:
         os.makedirs(args.outdir, exist_ok=True)
-        for i, image in enumerate(run_in_batches(args, base, sr, prompts)):
+        for i, image in enumerate(in_batches(args, prompts, lambda chunk, seed: run(args, base, sr, chunk, seed)[0])):
             Image.fromarray(image).save(os.path.join(args.outdir, f"{i:03d}.png"))
         print(f"wrote {len(prompts)} images to {args.outdir}")
         return

@@ -726,8 +726,21 @@ def test_evaluate_scores_renders_reconstructions_and_samples(tmp_path, tiny_base
     assert len(results) == 5 and os.path.exists(tmp_path / "004.png")
     assert out["generated"]["overall"] == np.mean([r["pass"] for r in results])
     # every failure is counted once, under the kind its reason starts with
-    assert sum(out["failures"].values()) == sum(not r["pass"] for r in results)
+    assert sum(out["failures"]["generated"].values()) == sum(not r["pass"] for r in results)
     assert all(r["reason"].startswith(r["kind"] + ": ") for r in results if not r["pass"])
+
+
+def test_evaluate_scores_the_superres_stage_alone(tmp_path, tiny_base, tiny_superres, capsys):
+    sample.main(["--evaluate", "shapes", "--checkpoint", str(tiny_base), "--superres", str(tiny_superres),
+                 "--num", "5", "--steps", "2", "--sr_steps", "2", "--batch_size", "3"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    out = json.loads(lines[-1])
+    rows = ("renders", "reconstructions", "super-res only", "generated")
+    assert all(any(line.startswith(r) for line in lines) for r in rows)   # printed, twice: scores, failures
+    for row in rows:
+        assert 0 <= out[row]["overall"] <= 1 and set(out["failures"][row]) == set(sample.FAILURE_KINDS)
+        assert sum(out["failures"][row].values()) == round(5 * (1 - out[row]["overall"]))   # no held-out here
+    assert out["failures"]["renders"] == dict.fromkeys(sample.FAILURE_KINDS, 0)
 
 
 def test_sample_cli_writes_images(tmp_path, tiny_base):
