@@ -16,7 +16,8 @@
 #
 # How the shipped files were made (README.md, "The demo checkpoint"): rounds 1 and 2's base
 # model on an H200 with the gpu settings, the rest on the 2-core CPU with the cpu settings,
-# except that the super-res model trained longer (--time_limit 3600, then resumed for 2400).
+# except that the super-res model trained longer (--time_limit 3600, then resumed with
+# --resume --time_limit 2400, then again with --time_limit 4800: 4478 steps in all).
 set -euo pipefail
 mode=${1:?usage: train_demo.sh gpu|cpu|test RUNS}
 runs=${2:?usage: train_demo.sh gpu|cpu|test RUNS}
