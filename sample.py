@@ -527,12 +527,8 @@ def evaluate(args, base, sr):
         S_lo = base.vq.cfg.resolution
         lo_ids = encode_images(base, vqgan.from_uint8(np.stack([shapes.render(o, S_lo) for _, _, o in prompts])))
 
-        def superres(chunk, seed):              # seeded as run() seeds the super-res stage
-            hr_ids = generate_ids(sr.model, sr.params, sr.text_encoder, [c for c, _ in chunk], seed=seed + 1,
-                                  steps=args.sr_steps, guidance=args.sr_guidance, temperature=args.sr_temperature,
-                                  choice_temperature=args.choice_temperature, negative=args.negative,
-                                  lowres_ids=jnp.asarray(np.stack([ids for _, ids in chunk])))
-            return ids_to_images(sr.vq, sr.vq_params, hr_ids)
+        superres = lambda chunk, seed: superres_stage(args, sr, [c for c, _ in chunk],
+                                                      jnp.asarray(np.stack([ids for _, ids in chunk])), seed)
         rows.append(("super-res only", in_batches(args, list(zip(captions, lo_ids)), superres)))
     rows.append(("generated", in_batches(args, captions, lambda chunk, seed: run(args, base, sr, chunk, seed)[0])))
     if args.outdir:
@@ -700,11 +696,18 @@ def run(args, base, sr, prompts, seed):
         return ids_to_images(base.vq, base.vq_params, lo_ids), None
     # the low-res images are decoded only when asked for (--lowres-out): a decoder compile is ~1 s
     lo_images = ids_to_images(base.vq, base.vq_params, lo_ids) if args.lowres_out else None
+    return superres_stage(args, sr, prompts, lo_ids, seed, init_ids=rep(init_hr)), lo_images
+
+
+def superres_stage(args, sr, prompts, lowres_ids, seed, init_ids=None):
+    """run()'s super-res stage: low-res ids (B, Nlo) + prompts -> uint8 high-res images, at the
+    --sr_* flags, seeded seed + 1 (the base stage takes seed). `--evaluate` also feeds it
+    the renders' true low-res tokens."""
     hr_ids = generate_ids(sr.model, sr.params, sr.text_encoder, prompts, seed=seed + 1, steps=args.sr_steps,
                           guidance=args.sr_guidance, temperature=args.sr_temperature,
                           choice_temperature=args.choice_temperature, negative=args.negative,
-                          init_ids=rep(init_hr), lowres_ids=lo_ids)
-    return ids_to_images(sr.vq, sr.vq_params, hr_ids), lo_images
+                          init_ids=init_ids, lowres_ids=lowres_ids)
+    return ids_to_images(sr.vq, sr.vq_params, hr_ids)
 
 
 def in_batches(args, items, fn):
