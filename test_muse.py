@@ -946,6 +946,30 @@ def test_superres_stage_overfits_and_writes_samples(tiny_superres):
     assert os.path.exists(os.path.join(tiny_superres, "samples", "000120.png"))
 
 
+def test_init_fine_tunes_an_exported_superres_model_on_its_own_tokenizers(tmp_path, tiny_base, tiny_superres, capsys):
+    # what the GPU fine-tuning of the shipped demo does: both tokenizers read out of the
+    # exported checkpoint itself, the weights and the text encoder taken from it; with lr 0
+    # the first step leaves the weights exactly as exported, and the loss is the trained
+    # model's, far below a fresh one's
+    export = str(tmp_path / "export")
+    train.main(["export", "--workdir", str(tiny_superres), "--out", export])
+    run = ["--vqgan", export, "--vqgan_hr", export, "--steps", "1", "--num_examples", "4"]
+    _train(tmp_path / "ft", "superres", *run, "--lr", "0", "--init", export)
+    got, want = sample.read_checkpoint(str(tmp_path / "ft")), sample.read_checkpoint(export)
+    for key in ("params", "consts"):
+        assert jax.tree.structure(got[key]) == jax.tree.structure(want[key])
+        for a, b in zip(jax.tree.leaves(got[key]), jax.tree.leaves(want[key])):
+            np.testing.assert_array_equal(a, b)
+    _train(tmp_path / "fresh", "superres", *run, "--lr", "0")
+    assert _metrics(tmp_path / "ft")[0]["loss"] < 0.6 * _metrics(tmp_path / "fresh")[0]["loss"]
+    # a model of another stage, or a checkpoint without the asked-for tokenizer: one clear line
+    for stage, bad, msg in (("base", ["--vqgan", export, "--init", export], "not a base one"),
+                            ("superres", ["--vqgan", export, "--vqgan_hr", str(tiny_base)], "holds no 'vqgan_hr'")):
+        with pytest.raises(SystemExit):
+            _train(tmp_path / stage, stage, *bad, "--steps", "1")
+        assert msg in capsys.readouterr().err
+
+
 def test_token_mask_marks_every_cell_the_pixel_mask_touches():
     m = np.zeros((16, 16), bool)
     m[0, 0] = True                      # one pixel in cell (0, 0) of a 4 x 4 grid

@@ -36,6 +36,7 @@ import time
 import multiprocessing
 import shutil
 import statistics
+import sys
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, replace
 
@@ -315,12 +316,18 @@ def new_run(args):
         os.makedirs(args.workdir, exist_ok=True)
         enc.tokenizer.save_pretrained(os.path.join(args.workdir, "tokenizer"))
         config["tokenizer"] = "tokenizer"
+        config["t5"], consts["t5"] = asdict(enc.cfg), enc.params
+    elif args.init:                             # fine-tuning: keep the text encoder the weights learned with
+        src = read_checkpoint(args.init)
+        if src["config"].get("tokenizer") != "byt5":
+            fail(f"--init {args.init}: was trained with a pretrained T5; pass the same --text_encoder")
+        config["tokenizer"], config["t5"], consts["t5"] = "byt5", src["config"]["t5"], src["consts"]["t5"]
     else:                                       # offline default: byte-level ByT5 + small random T5
         enc = muse.random_t5(muse.T5Config(), seed=args.seed, max_length=args.text_length)
         config["tokenizer"] = "byt5"
-    config["t5"], consts["t5"] = asdict(enc.cfg), enc.params
+        config["t5"], consts["t5"] = asdict(enc.cfg), enc.params
     cfg = replace(muse.PRESETS[args.preset or "shapes"], codebook_size=out.codebook_size, grid=out.grid,
-                  text_dim=enc.cfg.d_model, text_length=args.text_length, dtype=args.dtype)
+                  text_dim=config["t5"]["d_model"], text_length=args.text_length, dtype=args.dtype)
     if args.stage == "superres":
         cfg = replace(cfg, lowres_grid=lo.grid, lowres_codebook_size=lo.codebook_size)
         if cfg.lowres_aligned and cfg.grid % lo.grid:
@@ -344,17 +351,41 @@ def init_tokenizer_from(path, params):
 
 
 def read_tokenizer(path, flag, why):
-    """A trained VQGAN given by `flag`: a vqgan run, or the base model's tokenizer inside a
-    base run (so `--vqgan runs/base` works where only the base run is at hand)."""
+    """A trained VQGAN given by `flag`: a vqgan run, or a tokenizer held inside a base or
+    superres run (so `--vqgan checkpoints/demo/base --vqgan_hr checkpoints/demo/superres`
+    trains on the shipped demo's tokenizers)."""
     if not path:
         fail(f"{why}: pass {flag} DIR (from `python train.py vqgan ...`)")
     ckpt = read_checkpoint(path)
-    if ckpt["config"]["stage"] == "base":
-        return {"config": {"stage": "vqgan", "vqgan": ckpt["config"]["vqgan"]},
-                "params": {"vqgan": ckpt["consts"]["vqgan"]}}
-    if ckpt["config"]["stage"] != "vqgan":
-        fail(f"{flag} {path}: holds a {ckpt['config']['stage']!r} checkpoint, not a vqgan or base one")
+    stage = ckpt["config"]["stage"]
+    if stage in ("base", "superres"):
+        key = flag.lstrip("-")                  # "vqgan" or "vqgan_hr"
+        if key not in ckpt["consts"]:
+            fail(f"{flag} {path}: this {stage} checkpoint holds no {key!r} tokenizer")
+        return {"config": {"stage": "vqgan", "vqgan": ckpt["config"][key]},
+                "params": {"vqgan": ckpt["consts"][key]}}
+    if stage != "vqgan":
+        fail(f"{flag} {path}: holds a {stage!r} checkpoint, not a vqgan, base or superres one")
     return ckpt
+
+
+def init_transformer_from(path, stage, params, consts):
+    """base|superres --init DIR: start from another run's (or an exported checkpoint's)
+    transformer weights, with a fresh optimizer and schedule: fine-tuning, e.g. the shipped
+    demo on a GPU. The weights only mean something beside the frozen arrays they were
+    trained with, so the tokenizers and text encoder must be the very same (fingerprints)."""
+    ckpt = read_checkpoint(path)
+    if ckpt["config"]["stage"] != stage:
+        fail(f"--init {path}: holds a {ckpt['config']['stage']!r} model, not a {stage} one")
+    for key in ("vqgan", "vqgan_hr", "t5"):
+        if key in consts and (key not in ckpt["consts"] or
+                              data.fingerprint(ckpt["consts"][key]) != data.fingerprint(consts[key])):
+            fail(f"--init {path}: its {key!r} weights differ from this run's (pass the same "
+                 f"--{key} or --text_encoder it was trained with)")
+    shapes_of = lambda tree: jax.tree.map(np.shape, serialization.to_state_dict(tree))
+    if shapes_of(ckpt["params"]) != shapes_of(params):
+        fail(f"--init {path}: its transformer has another architecture (preset) than this run's")
+    return serialization.from_state_dict(params, ckpt["params"])
 
 
 # Flags that define the optimisation trajectory: stored in the checkpoint and restored by
@@ -528,10 +559,9 @@ def train(args):
 
     rng = jax.random.PRNGKey(args.seed)
     params = jax.jit(setup["init"])(jax.random.fold_in(rng, 0))   # one compile, not one per layer
-    if args.init and args.stage != "vqgan":
-        fail("--init starts a vqgan run from another tokenizer; the transformers start from scratch")
     if args.init and not args.resume:
-        params = init_tokenizer_from(args.init, params)
+        params = (init_tokenizer_from(args.init, params) if args.stage == "vqgan"
+                  else init_transformer_from(args.init, args.stage, params, consts))
     # the step lives on the device (int32, as the step function returns it: a different
     # dtype on the first call would compile the step twice)
     state = {"params": params, "opt_state": tx.init(params), "step": np.int32(0)}
@@ -723,11 +753,16 @@ def benchmark(args):
     empty_emb, empty_mask = jnp.zeros((L, cfg.text_dim)), jnp.arange(L) == 0                # (L, Dt), (L,)
     batch = jax.device_put({"ids": ids, "emb": emb, "mask": mask}, device)
 
+    # progress on stderr (stdout stays one JSON line): a benchmark cut off by a timeout still
+    # says how far it got
+    t_start = time.perf_counter()
+    progress = lambda what: print(f"[{time.perf_counter() - t_start:.0f}s] {what}", file=sys.stderr, flush=True)
     tx = make_optimizer(args)
     params = jax.jit(model.init)(r_init, ids[:1], emb[:1], mask[:1])["params"]
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
     state = jax.device_put(state, device)
     n_params = sum(x.size for x in jax.tree.leaves(params))
+    progress(f"initialised {n_params / 1e6:.1f}M params on {device.device_kind}; compiling the train step")
 
     def train_step(state, batch, rng):
         step = state["step"]
@@ -746,6 +781,7 @@ def benchmark(args):
     t0 = time.perf_counter()
     state, loss = jax.block_until_ready(step_fn(state, batch, rng))
     compile_s = time.perf_counter() - t0        # the first call compiles, then runs one step
+    progress(f"compiled and ran one step in {compile_s:.1f}s; timing {args.bench_steps} steps")
     times = []
     for _ in range(args.bench_steps):
         t0 = time.perf_counter()
@@ -817,7 +853,9 @@ def parse_args(argv=None):
     p.add_argument("--vqgan", default=None, help="base, superres: workdir of the base model's tokenizer")
     p.add_argument("--vqgan_hr", default=None, help="superres: workdir of the high-resolution tokenizer")
     p.add_argument("--init", default=None,
-                   help="vqgan: start from the tokenizer weights of this run (vqgan, base or superres; any resolution)")
+                   help="vqgan: start from the tokenizer weights of this run (vqgan, base or superres; any resolution); "
+                        "base|superres: fine-tune the transformer of this run or exported checkpoint (same preset, "
+                        "tokenizers and text encoder; fresh optimizer and schedule)")
     p.add_argument("--text_encoder", default=None,
                    help="base: transformers T5 folder or hub name (default: offline ByT5 tokenizer + small random T5)")
     p.add_argument("--text_length", type=int, default=None,
