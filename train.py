@@ -337,6 +337,12 @@ def new_run(args):
     return config, consts
 
 
+def same_shapes(a, b):
+    """Whether two param trees (flax state or plain nested dicts) hold the same names and shapes."""
+    shapes_of = lambda tree: jax.tree.map(np.shape, serialization.to_state_dict(tree))
+    return shapes_of(a) == shapes_of(b)
+
+
 def init_tokenizer_from(path, params):
     """vqgan --init DIR: start from another run's tokenizer weights (a vqgan run, or the
     tokenizer inside a base run). The VQGAN is fully convolutional, so the weights of a
@@ -344,8 +350,7 @@ def init_tokenizer_from(path, params):
     from shapes and colours it already knows."""
     ckpt = read_checkpoint(path)
     src = ckpt["params"]["vqgan"] if ckpt["config"]["stage"] == "vqgan" else ckpt["consts"]["vqgan"]
-    shapes_of = lambda tree: jax.tree.map(np.shape, serialization.to_state_dict(tree))
-    if shapes_of(src) != shapes_of(params["vqgan"]):
+    if not same_shapes(src, params["vqgan"]):
         fail(f"--init {path}: its tokenizer has another architecture (channels, codes) than this run's")
     return dict(params, vqgan=serialization.from_state_dict(params["vqgan"], src))
 
@@ -382,8 +387,7 @@ def init_transformer_from(path, stage, params, consts):
                               data.fingerprint(ckpt["consts"][key]) != data.fingerprint(consts[key])):
             fail(f"--init {path}: its {key!r} weights differ from this run's (pass the same "
                  f"--{key} or --text_encoder it was trained with)")
-    shapes_of = lambda tree: jax.tree.map(np.shape, serialization.to_state_dict(tree))
-    if shapes_of(ckpt["params"]) != shapes_of(params):
+    if not same_shapes(ckpt["params"], params):
         fail(f"--init {path}: its transformer has another architecture (preset) than this run's")
     return serialization.from_state_dict(params, ckpt["params"])
 

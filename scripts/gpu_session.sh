@@ -58,9 +58,7 @@ stamp "trained"
 for run in ft_base ft_sr sr; do
   tail -n 1 runs/gpu/$run/metrics.jsonl
   python3 train.py export --workdir runs/gpu/$run --out "$out/$run"
+  cp runs/gpu/$run/metrics.jsonl "$out/$run.metrics.jsonl"
 done
-cp runs/gpu/ft_base/metrics.jsonl "$out/ft_base.metrics.jsonl"
-cp runs/gpu/ft_sr/metrics.jsonl "$out/ft_sr.metrics.jsonl"
-cp runs/gpu/sr/metrics.jsonl "$out/sr.metrics.jsonl"
 (cd "$out" && tar czf logs.tgz env.txt bench.err ./*.log ./*.metrics.jsonl && rm -f bench.err ./*.log ./*.metrics.jsonl env.txt)
 stamp "done"
