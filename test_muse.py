@@ -6,8 +6,8 @@ What is checked: the shapes world keeps to its contract; every module's shapes; 
 straight-through gradient; T5 parity with transformers' PyTorch T5EncoderModel (ReLU and
 gated-GELU, with padding; skipped without torch); the masking distribution; the decoding
 schedule and its invariants (each token revealed once, known tokens kept, counts as
-scheduled); guidance 0 = the conditional model; pmap on 4 devices = 1 device; checkpoint
-round trip and exact resume; tiny overfits of both stages; NaN guard; analytic FLOPs against
+scheduled); guidance 0 = the conditional model; pmap on 4 devices = 1 device = 2 processes
+of 2 devices (multi-host); checkpoint round trip and exact resume; tiny overfits of both stages; NaN guard; analytic FLOPs against
 XLA's count; bfloat16 against float32; the benchmarks' JSON; CLI behaviour.
 """
 import os
@@ -17,6 +17,7 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 
 import json
 import re
+import socket
 import tempfile
 import subprocess
 import sys
@@ -579,6 +580,51 @@ def test_checkpoint_round_trip_and_exact_resume(tmp_path, tiny_vqgan):
     final = sample.read_checkpoint(str(tmp_path / "b"))
     for x, y in zip(jax.tree.leaves(final["params"]), jax.tree.leaves(resumed["params"])):
         np.testing.assert_array_equal(x, y)
+
+
+def _hosts(workdir, tiny_vqgan, *extra, n=2):
+    """`train.py base` as n processes of 2 CPU devices each, joined by jax.distributed over
+    localhost (a pod slice of n hosts in miniature; gloo carries the collectives)."""
+    with socket.socket() as s:                  # a free port for process 0's coordinator
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,   # as in this process
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    cmd = [sys.executable, os.path.join(HERE, "train.py"), "base", "--workdir", str(workdir), *TINY,
+           "--vqgan", str(tiny_vqgan), "--multihost", "--coordinator", f"localhost:{port}",
+           "--num_processes", str(n), *extra]
+    logs = [open(f"{workdir}.{i}.log", "w+") for i in range(n)]
+    procs = [subprocess.Popen(cmd + ["--process_id", str(i)], env=env, stdout=log, stderr=subprocess.STDOUT)
+             for i, log in enumerate(logs)]
+    try:
+        codes = [p.wait(timeout=300) for p in procs]    # a host left waiting for the others would hang here
+    finally:
+        for p in procs:
+            p.kill()
+    for i, (code, log) in enumerate(zip(codes, logs)):
+        log.seek(0)
+        assert code == 0, f"process {i}:\n{log.read()[-3000:]}"
+
+
+def test_two_hosts_train_as_one_host_and_resume_on_one(tmp_path, tiny_vqgan):
+    # 2 hosts x 2 devices: 3 steps of a 6-step schedule; process 0 alone writes the files
+    _hosts(tmp_path / "two", tiny_vqgan, "--steps", "3", "--decay_steps", "6")
+    assert [r["step"] for r in _metrics(tmp_path / "two")] == [1, 2, 3]
+    # resumed on 1 host x 4 devices, it ends where a 6-step run on that host does
+    resumed = _train(tmp_path / "two", "base", "--vqgan", str(tiny_vqgan), "--steps", "6", "--resume")
+    one = _train(tmp_path / "one", "base", "--vqgan", str(tiny_vqgan), "--steps", "6")
+    np.testing.assert_allclose([r["loss"] for r in _metrics(tmp_path / "two")],
+                               [r["loss"] for r in _metrics(tmp_path / "one")], rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(one["params"]), jax.tree.leaves(resumed["params"])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    # --time_limit: the hosts stop at the same step (a host that stopped alone would leave
+    # the other waiting in the gradient all-reduce, and _hosts would time out). How many
+    # steps fit depends on the machine's load, so only the agreement is checked.
+    _hosts(tmp_path / "timed", tiny_vqgan, "--steps", "100000", "--time_limit", "25")
+    step = int(sample.read_checkpoint(str(tmp_path / "timed"))["step"])
+    assert [r["step"] for r in _metrics(tmp_path / "timed")] == list(range(1, step + 1))
+    assert 1 < step < 100000
 
 
 def test_base_model_overfits_a_handful_of_captions(tmp_path, tiny_vqgan):

@@ -25,8 +25,12 @@ give the same losses (test_muse.py checks it).
 Multi-host (TPU pods): start the same command on every host with `--multihost`; it calls
 `jax.distributed.initialize()`, each process renders only its rows of the global batch
 (rows [p * B/P, (p+1) * B/P) for process p of P) and feeds them to its local devices,
-pmap runs over all devices of all hosts, and only process 0 writes files. This cannot be
-run on a single machine, so it is untested here.
+pmap runs over all devices of all hosts, and only process 0 writes files (so --workdir must
+be shared, or at least readable by every host, for --resume). The hosts agree on one clock
+inside the step, so --time_limit stops them all at the same step. test_muse.py runs two
+processes on one machine, joined over localhost (`--coordinator localhost:PORT
+--num_processes 2 --process_id I`; on CPUs JAX's collectives then go through gloo), and
+checks that they train exactly as one process does and that the run resumes on one host.
 """
 import argparse
 import functools
@@ -585,7 +589,7 @@ def train(args):
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def train_step(state, consts, batch, rng, horizon):
+    def train_step(state, consts, batch, rng, horizon, clock):
         step, params = state["step"], state["params"]
         rows = jax.tree.leaves(batch)[0].shape[0]               # this device's slice of the batch
         first = jax.lax.axis_index("batch") * rows              # global index of its first row
@@ -613,6 +617,11 @@ def train(args):
         grads = jax.lax.pmean(grads, "batch")
         metrics = jax.lax.pmean(metrics, "batch")
         metrics["lr"] = lr = learning_rate(step, args.lr, args.warmup, horizon)
+        # --time_limit decides when to stop from the wall clock; hosts whose clocks disagreed
+        # would stop at different steps, and the ones still running would wait forever for
+        # the others in the pmean above. So every host passes its own clock in and all of
+        # them read back the same one, the latest, and take the same decisions from it.
+        metrics["clock"] = jax.lax.pmax(clock, "batch")
         return apply_update(tx, state, grads, lr), metrics
 
     p_step = jax.pmap(train_step, axis_name="batch", devices=devices, donate_argnums=(0,))
@@ -664,20 +673,23 @@ def train(args):
         if step == start and is_main:
             tqdm.write("compiling the train step (the first step takes a while)...")
         t0 = time.time()
-        rep_state, metrics = p_step(rep_state, rep_consts, batch, rep_rng, rep_horizon)
+        clock = replicate(np.float32(t0 - t_begin), n_dev)
+        rep_state, metrics = p_step(rep_state, rep_consts, batch, rep_rng, rep_horizon, clock)
         metrics = {k: float(v[0]) for k, v in jax.device_get(metrics).items()}
+        elapsed = metrics.pop("clock")          # s since t_begin when this step started (all hosts agree)
         if step == start:
             if is_main:
                 tqdm.write(f"compiled and ran the first step in {time.time() - t0:.1f}s")
             t_last, n_images = time.time(), 0
         else:
             n_images += args.batch_size
-        elapsed = time.time() - t_begin
-        if fits and n_images >= 20 * args.batch_size and elapsed >= fits[0] * args.time_limit:
+        if step == start + 1:
+            clock_first = elapsed               # the first step after the compiling one starts here
+        if fits and step - start > 20 and elapsed >= fits[0] * args.time_limit:
             # --time_limit: once the speed is known, set the run's length (and its cosine horizon,
             # stored in the checkpoint so a resume follows it) to what fits in the time left, at
             # most --steps; measured again later, as the first seconds run slower (data pool, caches)
-            rate = n_images / args.batch_size / (time.time() - t_last)            # steps / s
+            rate = (step - start - 1) / max(elapsed - clock_first, 1e-9)            # steps / s
             fit = min(max_steps, step + 1 + int(0.98 * rate * (args.time_limit - elapsed)))
             if fit != args.steps:
                 args.steps = args.decay_steps = config["train"]["decay_steps"] = fit
@@ -877,7 +889,12 @@ def parse_args(argv=None):
                    help="shapes: processes rendering the data (0: one background thread; use several to feed "
                         "a GPU); real data: threads decoding images (0: 8)")
     p.add_argument("--num_devices", type=int, default=None, help="use the first N local devices (default: all)")
-    p.add_argument("--multihost", action="store_true", help="call jax.distributed.initialize() (TPU pods)")
+    p.add_argument("--multihost", action="store_true",
+                   help="call jax.distributed.initialize(): on TPU pods, SLURM and Open MPI it finds the other "
+                        "processes itself; elsewhere give the next three flags")
+    p.add_argument("--coordinator", default=None, help="--multihost: HOST:PORT of process 0 (default: detected)")
+    p.add_argument("--num_processes", type=int, default=None, help="--multihost: how many processes (default: detected)")
+    p.add_argument("--process_id", type=int, default=None, help="--multihost: this process's index (default: detected)")
     p.add_argument("--benchmark", default=None, choices=sorted(muse.PRESETS),
                    help="base: time the train step of this preset with random weights and data on one "
                         "device, print one JSON line (step time, analytic FLOPs, MFU) and exit")
@@ -921,7 +938,7 @@ def main(argv=None):
     if args.stage == "export":
         return export(args)
     if args.multihost:
-        jax.distributed.initialize()
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     if args.stage == "tokenize":
         return tokenize(args)
     return train(args)
