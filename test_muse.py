@@ -887,6 +887,7 @@ def test_train_cli_errors(tmp_path, capsys):
         (["vqgan", "--workdir", str(tmp_path / "y"), "--resume"], "--resume: no checkpoint"),
         (["vqgan", "--workdir", str(tmp_path), "--batch_size", "6", "--num_devices", "4"], "multiple of the device count"),
         (["gan", "--workdir", str(tmp_path)], "invalid choice: 'gan'"),
+        (["base", "--workdir", str(tmp_path), "--process_id", "1"], "go with --multihost"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as e:
@@ -896,13 +897,20 @@ def test_train_cli_errors(tmp_path, capsys):
         assert len(err) == 1 and message in err[0], (argv, err)
 
 
-def test_cli_error_has_no_traceback(tmp_path):
-    """Run as a user would: one line on stderr, exit code 2."""
+@pytest.mark.parametrize("argv,code,message", [
+    (["sample.py", "--steps", "x"], 2, "invalid int value"),
+    # no coordinator, and no TPU, SLURM or MPI to find one from
+    (["train.py", "base", "--workdir", "w", "--multihost", "--num_processes", "2", "--process_id", "0"], 1,
+     "jax.distributed.initialize failed"),
+])
+def test_cli_error_has_no_traceback(tmp_path, argv, code, message):
+    """Run as a user would: one line on stderr, the exit code of argparse (2) or of fail (1)."""
     env = dict(os.environ, XLA_FLAGS="")
-    r = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), "--steps", "x"],
+    r = subprocess.run([sys.executable, os.path.join(HERE, argv[0]), *argv[1:]],
                        capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert r.returncode == 2
+    assert r.returncode == code
     assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr, r.stderr
+    assert message in r.stderr
 
 
 # =============================================================================

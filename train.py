@@ -919,6 +919,8 @@ def parse_args(argv=None):
             args.text_length = 32
         if min(args.batch_size, args.text_length, args.bench_steps) < 1:
             p.error("--batch_size, --text_length and --bench_steps must be at least 1")
+    elif not args.multihost and (args.coordinator or args.num_processes is not None or args.process_id is not None):
+        p.error("--coordinator, --num_processes and --process_id go with --multihost")
     elif not args.workdir and args.stage != "tokenize":
         p.error("the following arguments are required: --workdir (unless --benchmark or tokenize)")
     if args.batch_size is None:
@@ -938,7 +940,10 @@ def main(argv=None):
     if args.stage == "export":
         return export(args)
     if args.multihost:
-        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+        try:
+            jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+        except (RuntimeError, ValueError) as e:     # no cluster found, or the coordinator never answered
+            fail(f"--multihost: jax.distributed.initialize failed: {str(e).splitlines()[0]}")
     if args.stage == "tokenize":
         return tokenize(args)
     return train(args)
