@@ -7,8 +7,9 @@ straight-through gradient; T5 parity with transformers' PyTorch T5EncoderModel (
 gated-GELU, with padding; skipped without torch); the masking distribution; the decoding
 schedule and its invariants (each token revealed once, known tokens kept, counts as
 scheduled); guidance 0 = the conditional model; pmap on 4 devices = 1 device = 2 processes
-of 2 devices (multi-host); checkpoint round trip and exact resume; tiny overfits of both stages; NaN guard; analytic FLOPs against
-XLA's count; bfloat16 against float32; the benchmarks' JSON; CLI behaviour.
+of 2 devices (multi-host); checkpoint round trip and exact resume; tiny overfits of both
+stages; NaN guard; analytic FLOPs against XLA's count; bfloat16 against float32; the
+benchmarks' JSON; CLI behaviour.
 """
 import os
 

@@ -907,6 +907,8 @@ def parse_args(argv=None):
                         "GPU/TPU, whatever --dtype; on a CPU or unknown device a measured float32 matmul)")
     p.add_argument("--peak_gflops", type=float, default=None, help="--benchmark: the same peak in GFLOP/s")
     args = p.parse_args(argv)
+    if not args.multihost and (args.coordinator or args.num_processes is not None or args.process_id is not None):
+        p.error("--coordinator, --num_processes and --process_id go with --multihost")
     if args.benchmark:
         if args.stage != "base":
             p.error(f"--benchmark times the base model's train step: run `train.py base --benchmark "
@@ -919,8 +921,6 @@ def parse_args(argv=None):
             args.text_length = 32
         if min(args.batch_size, args.text_length, args.bench_steps) < 1:
             p.error("--batch_size, --text_length and --bench_steps must be at least 1")
-    elif not args.multihost and (args.coordinator or args.num_processes is not None or args.process_id is not None):
-        p.error("--coordinator, --num_processes and --process_id go with --multihost")
     elif not args.workdir and args.stage != "tokenize":
         p.error("the following arguments are required: --workdir (unless --benchmark or tokenize)")
     if args.batch_size is None:
