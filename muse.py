@@ -289,6 +289,11 @@ class MuseConfig:
     # each layer; layer norms reduce in float32 and the logits come back as float32, so the
     # softmax, the loss and the optimizer never see bfloat16.
     dtype: str = "float32"
+    # attention kernel, jax.nn.dot_product_attention's `implementation`: "xla" is XLA's own
+    # softmax(QK^T)V (jax's default, any device); "cudnn" is cuDNN's fused flash-attention
+    # kernel (NVIDIA GPUs with bfloat16/float16 compute only), which never writes the
+    # (B, H, N, M) attention weights to memory. Same maths, so checkpoints work under either.
+    attention: str = "xla"
 
     @property
     def mask_id(self) -> int:
@@ -333,6 +338,7 @@ class Attention(nn.Module):
     heads: int
     head_dim: int
     dtype: str = "float32"                        # compute dtype (MuseConfig.dtype)
+    attention: str = "xla"                        # kernel (MuseConfig.attention)
 
     @nn.compact
     def __call__(self, x, ctx, ctx_mask=None):    # x (B, N, D), ctx (B, M, D'), ctx_mask bool (B, M)
@@ -340,8 +346,11 @@ class Attention(nn.Module):
                                             dtype=self.dtype)
         q, k, v = proj("q")(x), proj("k")(ctx), proj("v")(ctx)                           # (B, *, H, dh)
         mask = None if ctx_mask is None else ctx_mask[:, None, None, :]                 # (B, 1, 1, M)
-        # scaled dot-product softmax attention; on GPUs jax picks cuDNN's fused kernel
-        o = jax.nn.dot_product_attention(q, k, v, mask=mask)                            # (B, N, H, dh)
+        if mask is not None and self.attention == "cudnn":   # cuDNN wants the mask's query axis spelled out
+            mask = jnp.broadcast_to(mask, (x.shape[0], 1, x.shape[1], ctx.shape[1]))     # (B, 1, N, M)
+        # scaled dot-product softmax attention (jax's default implementation is XLA's, even
+        # on GPUs: cuDNN's fused kernel is used only when asked for, MuseConfig.attention)
+        o = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.attention)  # (B, N, H, dh)
         return nn.DenseGeneral(x.shape[-1], axis=(-2, -1), name="o", dtype=self.dtype)(o)  # (B, N, D)
 
 
@@ -354,10 +363,10 @@ class Block(nn.Module):
         c = self.cfg
         # (the norms reduce in float32 whatever the dtype; their output is in c.dtype)
         h = nn.LayerNorm(name="norm_self", dtype=c.dtype)(x)
-        x = x + Attention(c.heads, c.head_dim, c.dtype, name="self_attn")(h, h)
+        x = x + Attention(c.heads, c.head_dim, c.dtype, c.attention, name="self_attn")(h, h)
         if ctx is not None:                      # (the super-res model's low-res encoder has no context)
             # every image token reads the prompt; padding tokens of the prompt are masked out
-            x = x + Attention(c.heads, c.head_dim, c.dtype, name="cross_attn")(
+            x = x + Attention(c.heads, c.head_dim, c.dtype, c.attention, name="cross_attn")(
                 nn.LayerNorm(name="norm_cross", dtype=c.dtype)(x), ctx, ctx_mask)
         h = nn.Dense(c.mlp_ratio * c.width, name="mlp_in", dtype=c.dtype)(nn.LayerNorm(name="norm_mlp", dtype=c.dtype)(x))
         return x + nn.Dense(c.width, name="mlp_out", dtype=c.dtype)(nn.gelu(h))         # (B, N, D)

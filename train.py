@@ -36,6 +36,7 @@ import argparse
 import functools
 import json
 import os
+import re
 import time
 import multiprocessing
 import shutil
@@ -331,7 +332,8 @@ def new_run(args):
         config["tokenizer"] = "byt5"
         config["t5"], consts["t5"] = asdict(enc.cfg), enc.params
     cfg = replace(muse.PRESETS[args.preset or "shapes"], codebook_size=out.codebook_size, grid=out.grid,
-                  text_dim=config["t5"]["d_model"], text_length=args.text_length, dtype=args.dtype)
+                  text_dim=config["t5"]["d_model"], text_length=args.text_length, dtype=args.dtype,
+                  attention=args.attention)
     if args.stage == "superres":
         cfg = replace(cfg, lowres_grid=lo.grid, lowres_codebook_size=lo.codebook_size)
         if cfg.lowres_aligned and cfg.grid % lo.grid:
@@ -566,7 +568,12 @@ def train(args):
     tx = make_optimizer(args)
 
     rng = jax.random.PRNGKey(args.seed)
-    params = jax.jit(setup["init"])(jax.random.fold_in(rng, 0))   # one compile, not one per layer
+    # The VQGAN's init is jitted: one compile instead of one per distinct layer shape. The
+    # transformers' is not: their blocks share a few shapes, so eagerly each initializer
+    # compiles once and is reused, while jitting the whole init of the 626M `base` preset
+    # took 135 s to compile on an H200 (eager: seconds; on this CPU 15 s against 40 s).
+    init = jax.jit(setup["init"]) if args.stage == "vqgan" else setup["init"]
+    params = init(jax.random.fold_in(rng, 0))
     if args.init and not args.resume:
         params = (init_tokenizer_from(args.init, params) if args.stage == "vqgan"
                   else init_transformer_from(args.init, args.stage, params, consts))
@@ -757,7 +764,8 @@ def benchmark(args):
     not of whatever else XLA runs. sec_per_step is the median of --bench_steps steps after
     one compiling step (timed separately as compile_s).
     """
-    cfg = replace(muse.PRESETS[args.benchmark], dtype=args.dtype, text_length=args.text_length)
+    cfg = replace(muse.PRESETS[args.benchmark], dtype=args.dtype, text_length=args.text_length,
+                  attention=args.attention)
     model = muse.MaskedTransformer(cfg)
     B, L, N = args.batch_size, args.text_length, cfg.num_tokens
     device = jax.local_devices()[0]
@@ -774,7 +782,7 @@ def benchmark(args):
     t_start = time.perf_counter()
     progress = lambda what: print(f"[{time.perf_counter() - t_start:.0f}s] {what}", file=sys.stderr, flush=True)
     tx = make_optimizer(args)
-    params = jax.jit(model.init)(r_init, ids[:1], emb[:1], mask[:1])["params"]
+    params = model.init(r_init, ids[:1], emb[:1], mask[:1])["params"]       # eager: see train()
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
     state = jax.device_put(state, device)
     n_params = sum(x.size for x in jax.tree.leaves(params))
@@ -793,16 +801,28 @@ def benchmark(args):
         loss, grads = jax.value_and_grad(loss_fn)(state["params"])
         return apply_update(tx, state, grads, learning_rate(step, args.lr, args.warmup, args.decay_steps)), loss
 
-    step_fn = jax.jit(train_step, donate_argnums=(0,))
     t0 = time.perf_counter()
+    step_fn = jax.jit(train_step, donate_argnums=(0,)).lower(state, batch, rng).compile()
+    compile_s = time.perf_counter() - t0
+    progress(f"compiled in {compile_s:.1f}s; timing {args.bench_steps} steps after one warm-up step")
     state, loss = jax.block_until_ready(step_fn(state, batch, rng))
-    compile_s = time.perf_counter() - t0        # the first call compiles, then runs one step
-    progress(f"compiled and ran one step in {compile_s:.1f}s; timing {args.bench_steps} steps")
     times = []
     for _ in range(args.bench_steps):
         t0 = time.perf_counter()
         state, loss = jax.block_until_ready(step_fn(state, batch, rng))
         times.append(time.perf_counter() - t0)
+    profile = {}
+    if args.profile:
+        # where the time goes: trace a few more steps and add up the device time of each op
+        os.makedirs(args.profile, exist_ok=True)
+        try:                                    # (a profiler that fails costs the profile, not the timing)
+            with jax.profiler.trace(args.profile):
+                for _ in range(PROFILE_STEPS):
+                    state, loss = jax.block_until_ready(step_fn(state, batch, rng))
+            profile = {"profile": profile_report(args.profile, step_fn.as_text(), PROFILE_STEPS)}
+            progress(f"profile of {PROFILE_STEPS} steps in {args.profile}/ops.txt")
+        except Exception as e:
+            profile = {"profile_error": f"{type(e).__name__}: {e}"[:300]}
     if not np.isfinite(float(loss)):
         fail(f"--benchmark: loss is {float(loss)} after {args.bench_steps + 1} steps")
     sec = statistics.median(times)
@@ -819,7 +839,77 @@ def benchmark(args):
             "tokens_per_sec": B * N / sec, "gflop_per_step": flop_step / 1e9,
             "achieved_tflops": achieved / 1e12, "peak_tflops": peak / 1e12, "mfu": achieved / peak,
             "peak_source": peak_source, "loss": float(loss), "backend": jax.default_backend(),
-            "device_kind": device.device_kind, "devices": jax.local_device_count()}
+            "device_kind": device.device_kind, "devices": jax.local_device_count(), **profile}
+
+
+PROFILE_STEPS = 3
+
+
+def op_category(text):
+    """What kind of work an op does, from its line in the compiled HLO (or its kernel's name).
+
+    The line's metadata is dropped (its op_name path mentions every transform, "transpose(jvp(...))"
+    for all of the backward pass), all but the jax primitive the op came from."""
+    primitive = re.search(r'op_name="[^"]*?([\w-]+)"', text)
+    text = re.sub(r"metadata=\{[^}]*\}", "", text) + " " + (primitive.group(1) if primitive else "")
+    if "fmha" in text or "sdpa" in text or "flash" in text:
+        return "attention (cuDNN fused)"
+    if any(k in text for k in ("gemm", "matmul", "dot_general", " dot(", "convolution", "nvjet", "cutlass")):
+        return "matmul"
+    if "kind=kInput" in text or "reduce" in text:
+        return "reductions (softmax, norms, loss, grad norm)"
+    if "copy" in text or "transpose" in text:
+        return "copies / transposes"
+    if "kind=kLoop" in text or "loop_" in text:
+        return "elementwise (loop fusions)"
+    return "other"
+
+
+def profile_report(trace_dir, hlo_text, steps):
+    """Device time per step of each op of the compiled step, from a jax.profiler trace.
+
+    Reads the trace back with jax.profiler.ProfileData (no TensorBoard needed). On a GPU the
+    device's stream lines hold one event per kernel (named by its XLA op, stat `hlo_op`, or
+    else by the kernel); on a TPU the "XLA Ops" line; on a CPU the host's XLA thunks. Each
+    op's time is summed and put in a category from its line in the compiled HLO (`hlo_text`).
+    Writes trace_dir/ops.txt (the categories, then the 60 costliest ops with their HLO) and
+    returns {category: ms per step}, plus "total" (the device's busy time per step).
+    """
+    import collections
+    import glob
+    path = max(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
+    hlo = {}                                    # op name -> its instruction line
+    for line in hlo_text.splitlines():
+        line = line.strip().removeprefix("ROOT ")
+        if " = " in line:
+            hlo.setdefault(line.split(" = ")[0].lstrip("%"), line)
+    planes = list(jax.profiler.ProfileData.from_file(path).planes)
+    devices = [p for p in planes if p.name.startswith("/device:")]
+    per_op, lines_seen = collections.Counter(), []
+    for plane in devices or planes:
+        lines = list(plane.lines)
+        lines_seen += [f"{plane.name} / {line.name}" for line in lines]
+        if devices:                             # kernels per stream (GPU), else the op line (TPU)
+            streams = [line for line in lines if line.name.startswith("Stream")]
+            lines = streams or [line for line in lines if line.name == "XLA Ops"]
+        for line in lines:
+            for event in line.events:
+                op = dict(event.stats).get("hlo_op") or (event.name if devices else None)
+                if op is not None:
+                    per_op[op] += event.duration_ns / 1e6 / steps
+    category = lambda op: op_category(hlo.get(op, op))
+    by_category = collections.Counter()
+    for op, ms in per_op.items():
+        by_category[category(op)] += ms
+    report = {k: round(v, 3) for k, v in by_category.most_common()}
+    report["total"] = round(sum(per_op.values()), 3)
+    with open(os.path.join(trace_dir, "ops.txt"), "w") as f:
+        f.write(f"device time per step (ms) over {steps} traced steps, from {path}\n\n")
+        f.writelines(f"{v:10.3f}  {k}\n" for k, v in report.items())
+        f.write("\nthe 60 costliest ops:\n")
+        f.writelines(f"{ms:10.3f}  {category(op)}  {op}  {hlo.get(op, '')[:400]}\n" for op, ms in per_op.most_common(60))
+        f.write("\ntrace lines:\n" + "\n".join(lines_seen) + "\n")
+    return report
 
 
 def truncate_metrics(workdir, step):
@@ -901,7 +991,13 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="base, superres (and --benchmark): the transformer's compute dtype; weights, optimizer "
                         "and logits stay float32 (mixed precision, for TPUs and GPUs)")
-    p.add_argument("--bench_steps", type=int, default=10, help="--benchmark: timed steps (after one compiling step)")
+    p.add_argument("--attention", default="xla", choices=["xla", "cudnn"],
+                   help="base, superres (and --benchmark): the attention kernel; cudnn: cuDNN's fused "
+                        "flash attention (NVIDIA GPUs, with --dtype bfloat16)")
+    p.add_argument("--bench_steps", type=int, default=10, help="--benchmark: timed steps (after one warm-up step)")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="--benchmark: also trace 3 steps into DIR and add the device time per step of each "
+                        "kind of op (matmul, attention, elementwise, ...) to the JSON; DIR/ops.txt lists the ops")
     p.add_argument("--peak_tflops", type=float, default=None,
                    help="--benchmark: the device's peak for MFU (default: the datasheet bf16 peak of a known "
                         "GPU/TPU, whatever --dtype; on a CPU or unknown device a measured float32 matmul)")
