@@ -144,7 +144,11 @@ def load_stage(path, stage):
         out = "vqgan_hr" if stage == "superres" else "vqgan"
         folder = path if os.path.isdir(path) else os.path.dirname(path)
         vq_cfg = vqgan.VQGANConfig(**dict(config[out], im2col=False))   # no gradients here (Conv3x3)
-        return Stage(muse.MaskedTransformer(muse.MuseConfig(**config["muse"])), ckpt["params"],
+        # a model trained with cuDNN's fused attention (train.py --attention cudnn) samples with
+        # XLA's, the same maths, wherever there is no GPU
+        attention = config["muse"].get("attention", "xla") if jax.default_backend() == "gpu" else "xla"
+        cfg = muse.MuseConfig(**dict(config["muse"], attention=attention))
+        return Stage(muse.MaskedTransformer(cfg), ckpt["params"],
                      vqgan.VQGAN(vq_cfg), ckpt["consts"][out],
                      load_text_encoder(config, ckpt["consts"]["t5"], folder), config)
     except (KeyError, TypeError, OSError) as e:

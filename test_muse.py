@@ -850,12 +850,42 @@ def test_train_benchmark_defaults_and_errors(capsys):
     args = train.parse_args(["base", "--workdir", "w"])         # training keeps its defaults
     assert (args.batch_size, args.text_length) == (64, 64)
     for argv, message in ((["base"], "--workdir"), (["vqgan", "--benchmark", "tiny"], "base model"),
-                          (["base", "--benchmark", "tiny", "--peak_tflops", "1", "--peak_gflops", "1"], "not both")):
+                          (["base", "--benchmark", "tiny", "--peak_tflops", "1", "--peak_gflops", "1"], "not both"),
+                          (["base", "--benchmark", "tiny", "--attention", "cudnn"], "--dtype bfloat16")):
         with pytest.raises(SystemExit) as e:
             train.parse_args(argv)
         assert e.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+    # cuDNN's attention where there is no GPU: one line, not XLA's trace
+    if jax.default_backend() != "gpu":
+        with pytest.raises(SystemExit) as e:
+            train.main(["base", "--benchmark", "tiny", "--attention", "cudnn", "--dtype", "bfloat16"])
+        assert e.value.code == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "needs an NVIDIA GPU" in err[0], err
+
+
+def test_train_benchmark_profile_says_where_the_time_goes(tmp_path, capsys):
+    """--profile: the traced steps' device time, by kind of op, adds up and is mostly the step."""
+    train.main(["base", "--benchmark", "small", "--bench_steps", "2", "--profile", str(tmp_path)])
+    out = json.loads(capsys.readouterr().out)
+    profile = out["profile"]
+    kinds = {k: v for k, v in profile.items() if k != "total"}
+    assert sum(kinds.values()) == pytest.approx(profile["total"], abs=0.01)
+    # the matmuls are found (on a CPU XLA runs them as library calls named after no dot)
+    assert kinds.get("matmul", 0) > 0.1 * profile["total"], profile
+    # ops run on parallel threads on a CPU, so the busy time may exceed the wall time a little,
+    # but a trace that lost most of the step, or double-counted it, would be caught here
+    assert 0.3 * out["sec_per_step"] * 1e3 < profile["total"] < 3 * out["sec_per_step"] * 1e3, (profile, out)
+    table = (tmp_path / "ops.txt").read_text()
+    assert "matmul" in table and "the 60 costliest ops" in table
+    # categories read the HLO op, not the metadata that names every transform of the step
+    line = ('%fusion.3 = f32[8,64]{1,0} fusion(%a, %b), kind=kLoop, calls=%c, '
+            'metadata={op_name="jit(train_step)/transpose(jvp(MaskedTransformer))/block_0/mul"}')
+    assert train.op_category(line).startswith("elementwise")
+    assert train.op_category('%custom-call.1 = bf16[8,8] custom-call(%a), custom_call_target="__cublas$gemm"') == "matmul"
+    assert train.op_category("command_buffer_1").startswith("CUDA graph")
 
 
 @pytest.mark.parametrize("argv,code,message", [

@@ -140,6 +140,13 @@ def unreplicate(tree):
 # Optimizer: AdamW, linear warm-up then cosine decay, global-norm gradient clipping
 # -----------------------------------------------------------------------------
 
+def check_attention(attention):
+    """A clear error where cuDNN's fused attention cannot run (XLA's own would be a long trace)."""
+    if attention == "cudnn" and jax.default_backend() != "gpu":
+        fail(f"--attention cudnn: cuDNN's fused attention needs an NVIDIA GPU; this run is on "
+             f"{jax.default_backend()} (use --attention xla, the same maths)")
+
+
 def make_optimizer(args):
     """AdamW without its learning rate: the train step multiplies the update by
     -learning_rate(...) itself (optax.adamw is the same chain ending in that scaling), so the
@@ -233,6 +240,7 @@ def setup_transformer(args, config, consts):
     out_cfg = vqgan.VQGANConfig(**config["vqgan_hr"]) if superres else lo_cfg   # the tokens predicted
     t5_cfg = muse.T5Config(**config["t5"])
     cfg = muse.MuseConfig(**config["muse"])
+    check_attention(cfg.attention)
     lo_vq, out_vq = vqgan.VQGAN(lo_cfg), vqgan.VQGAN(out_cfg)
     t5, model = muse.T5Encoder(t5_cfg), muse.MaskedTransformer(cfg)
     out_key = "vqgan_hr" if superres else "vqgan"
@@ -766,6 +774,7 @@ def benchmark(args):
     """
     cfg = replace(muse.PRESETS[args.benchmark], dtype=args.dtype, text_length=args.text_length,
                   attention=args.attention)
+    check_attention(cfg.attention)
     model = muse.MaskedTransformer(cfg)
     B, L, N = args.batch_size, args.text_length, cfg.num_tokens
     device = jax.local_devices()[0]
@@ -852,6 +861,8 @@ def op_category(text):
     for all of the backward pass), all but the jax primitive the op came from."""
     primitive = re.search(r'op_name="[^"]*?([\w-]+)"', text)
     text = re.sub(r"metadata=\{[^}]*\}", "", text) + " " + (primitive.group(1) if primitive else "")
+    if "command_buffer" in text:               # XLA ran a stretch of kernels as one CUDA graph
+        return "CUDA graph (its kernels show with XLA_FLAGS=--xla_gpu_enable_command_buffer=)"
     if "fmha" in text or "sdpa" in text or "flash" in text:
         return "attention (cuDNN fused)"
     if any(k in text for k in ("gemm", "matmul", "dot_general", " dot(", "convolution", "nvjet", "cutlass")):
@@ -894,7 +905,7 @@ def profile_report(trace_dir, hlo_text, steps):
             lines = streams or [line for line in lines if line.name == "XLA Ops"]
         for line in lines:
             for event in line.events:
-                op = dict(event.stats).get("hlo_op") or (event.name if devices else None)
+                op = next((v for k, v in event.stats if k == "hlo_op"), None) or (event.name if devices else None)
                 if op is not None:
                     per_op[op] += event.duration_ns / 1e6 / steps
     category = lambda op: op_category(hlo.get(op, op))
@@ -907,7 +918,8 @@ def profile_report(trace_dir, hlo_text, steps):
         f.write(f"device time per step (ms) over {steps} traced steps, from {path}\n\n")
         f.writelines(f"{v:10.3f}  {k}\n" for k, v in report.items())
         f.write("\nthe 60 costliest ops:\n")
-        f.writelines(f"{ms:10.3f}  {category(op)}  {op}  {hlo.get(op, '')[:400]}\n" for op, ms in per_op.most_common(60))
+        f.writelines(f"{ms:10.3f}  {category(op)}  {op}  {hlo.get(op, '')[:400]}\n"
+                     for op, ms in per_op.most_common(60))
         f.write("\ntrace lines:\n" + "\n".join(lines_seen) + "\n")
     return report
 
@@ -1019,6 +1031,8 @@ def parse_args(argv=None):
             p.error("--batch_size, --text_length and --bench_steps must be at least 1")
     elif not args.workdir and args.stage != "tokenize":
         p.error("the following arguments are required: --workdir (unless --benchmark or tokenize)")
+    if args.attention == "cudnn" and args.dtype != "bfloat16":
+        p.error("--attention cudnn goes with --dtype bfloat16 (cuDNN's fused attention has no float32 kernel)")
     if args.batch_size is None:
         args.batch_size = 64
     if args.text_length is None:
