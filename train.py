@@ -857,21 +857,25 @@ PROFILE_STEPS = 3
 def op_category(text):
     """What kind of work an op does, from its line in the compiled HLO (or its kernel's name).
 
-    The line's metadata is dropped (its op_name path mentions every transform, "transpose(jvp(...))"
-    for all of the backward pass), all but the jax primitive the op came from."""
-    primitive = re.search(r'op_name="[^"]*?([\w-]+)"', text)
-    text = re.sub(r"metadata=\{[^}]*\}", "", text) + " " + (primitive.group(1) if primitive else "")
-    if "command_buffer" in text:               # XLA ran a stretch of kernels as one CUDA graph
+    Reads the op's own name, opcode and attributes, and the jax primitive it came from (the
+    last word of its metadata's op_name): not its operands, nor the rest of the op_name path,
+    which says "transpose(jvp(...))" for every op of the backward pass."""
+    m = re.match(r"%?(\S+) = .*? ([\w-]+)\([^)]*\)(.*)", text)
+    name, opcode, attrs = m.groups() if m else (text, "", "")
+    primitive = re.search(r'op_name="[^"]*?([\w-]+)"', attrs)
+    primitive = primitive.group(1) if primitive else ""
+    own = f"{name} {opcode} {re.sub(r'metadata=[{][^}]*[}]', '', attrs)} {primitive}"
+    if "command_buffer" in own:                # XLA ran a stretch of kernels as one CUDA graph
         return "CUDA graph (its kernels show with XLA_FLAGS=--xla_gpu_enable_command_buffer=)"
-    if "fmha" in text or "sdpa" in text or "flash" in text:
+    if any(k in own for k in ("fmha", "sdpa", "flash")):
         return "attention (cuDNN fused)"
-    if any(k in text for k in ("gemm", "matmul", "dot_general", " dot(", "convolution", "nvjet", "cutlass")):
+    if any(k in own for k in ("gemm", "matmul", "dot_general", "nvjet", "cutlass")) or opcode in ("dot", "convolution"):
         return "matmul"
-    if "kind=kInput" in text or "reduce" in text:
-        return "reductions (softmax, norms, loss, grad norm)"
-    if "copy" in text or "transpose" in text:
+    if name.startswith(("copy", "transpose")) or opcode in ("copy", "transpose") or primitive == "transpose":
         return "copies / transposes"
-    if "kind=kLoop" in text or "loop_" in text:
+    if "kind=kInput" in own or "reduce" in own:
+        return "reductions (softmax, norms, loss, grad norm)"
+    if "kind=kLoop" in own or "fusion" in name:
         return "elementwise (loop fusions)"
     return "other"
 
