@@ -33,7 +33,9 @@ processes on one machine, joined over localhost (`--coordinator localhost:PORT
 checks that they train exactly as one process does and that the run resumes on one host.
 """
 import argparse
+import collections
 import functools
+import glob
 import json
 import os
 import re
@@ -899,8 +901,6 @@ def profile_report(trace_dir, hlo_text, steps):
     Writes trace_dir/ops.txt (the categories, then the 60 costliest ops with their HLO) and
     returns {category: ms per step}, plus "total" (the device's busy time per step).
     """
-    import collections
-    import glob
     path = max(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
     hlo = {}                                    # op name -> its instruction line
     for line in hlo_text.splitlines():
