@@ -35,8 +35,9 @@ else
 fi
 for b in "${benches[@]}"; do
   stamp "benchmark: $b"
-  # the paper-scale base preset printed nothing within 150 s nor 200 s on an H100 (2026-11-27);
-  # a 36-block step may simply compile that long, so it gets 420 s (its progress lines on
+  # the paper-scale base preset printed nothing within 150 s nor 200 s on an H100: its jitted
+  # init compiled for 135 s, then the step for 73 s (H200, 2026-11-27); the init is eager now
+  # (~20 s), but the step still compiles for 60-90 s, so it gets 420 s (its progress lines on
   # stderr, kept in bench.err, say how far it got)
   case $b in *"--benchmark base "*) t=420 ;; *) t=150 ;; esac
   timeout $t python3 $b 2>>"$out/bench.err" | tail -n 1 | tee -a "$out/bench.jsonl"
