@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
+from flax import serialization
 from PIL import Image
 
 import muse
@@ -673,6 +674,25 @@ def tiny_base(tmp_path_factory, tiny_vqgan):
     return d
 
 
+def test_a_cudnn_trained_model_samples_with_xla_attention_off_a_gpu(tiny_base, tmp_path):
+    """`train.py --attention cudnn` is stored in the checkpoint's config; sampling where there is
+    no GPU swaps in XLA's attention (the same maths) instead of failing to find cuDNN."""
+    with open(tiny_base / "checkpoint.msgpack", "rb") as f:
+        raw = serialization.msgpack_restore(f.read())
+    config = json.loads(raw["config"])
+    config["muse"]["attention"] = "cudnn"
+    raw["config"] = json.dumps(config)
+    (tmp_path / "checkpoint.msgpack").write_bytes(serialization.msgpack_serialize(raw))
+    stage = sample.load_stage(str(tmp_path), "base")
+    expected = "cudnn" if jax.default_backend() == "gpu" else "xla"
+    assert stage.model.cfg.attention == expected
+    cfg = stage.model.cfg
+    ids = jnp.zeros((1, cfg.num_tokens), jnp.int32)
+    emb, mask = stage.text_encoder(["a red circle"])
+    logits = stage.model.apply({"params": stage.params}, ids, emb, mask)
+    assert logits.shape == (1, cfg.num_tokens, cfg.codebook_size) and bool(jnp.isfinite(logits).all())
+
+
 def test_holdout_keeps_pairs_out_of_relations_only():
     holdout = ("purple triangle", "yellow square")
     _, captions = shapes.shapes_batch(0, 0, 600, 16, holdout=holdout)
@@ -739,7 +759,7 @@ def test_export_writes_a_small_float16_checkpoint_that_samples(tmp_path, tiny_ba
     small, full = tmp_path / "demo" / "base" / "checkpoint.msgpack", tiny_base / "checkpoint.msgpack"
     assert os.path.getsize(small) < 0.5 * os.path.getsize(full)
     with open(small, "rb") as f:
-        raw = train.serialization.msgpack_restore(f.read())
+        raw = serialization.msgpack_restore(f.read())
     assert "opt_state" not in raw and {x.dtype for x in jax.tree.leaves(raw["params"])} == {np.dtype(np.float16)}
     exported, original = sample.read_checkpoint(str(small)), sample.read_checkpoint(str(tiny_base))
     for a, b in zip(jax.tree.leaves(exported["params"]), jax.tree.leaves(original["params"])):
