@@ -771,9 +771,10 @@ def benchmark(args):
 
     FLOPs are analytic: 3 x muse.transformer_flops (forward + backward, the backward
     costing two matmuls per forward matmul), so the MFU is that of the model's matmuls,
-    not of whatever else XLA runs. sec_per_step is the median of --bench_steps steps, each
-    waited for, after a warm-up step; sec_per_step_pipelined the mean of as many dispatched
-    back to back; compile_s the compile alone.
+    not of whatever else XLA runs. sec_per_step is the median of --bench_steps steps after a
+    warm-up step, each step's loss read back before the next is dispatched (as in train());
+    sec_per_step_pipelined the mean of as many dispatched back to back; compile_s the compile
+    alone.
     """
     cfg = replace(muse.PRESETS[args.benchmark], dtype=args.dtype, text_length=args.text_length,
                   attention=args.attention)
@@ -818,11 +819,15 @@ def benchmark(args):
     compile_s = time.perf_counter() - t0
     progress(f"compiled in {compile_s:.1f}s; timing {args.bench_steps} steps after one warm-up step")
     state, loss = jax.block_until_ready(step_fn(state, batch, rng))
-    times = []
+    # each step's loss is read back before the next step is dispatched, as train.py reads its
+    # metrics (the optimizer update of one step may still run while the next is dispatched):
+    # the time between two losses is what a step costs in training
+    times, t0 = [], time.perf_counter()
     for _ in range(args.bench_steps):
-        t0 = time.perf_counter()
-        state, loss = jax.block_until_ready(step_fn(state, batch, rng))
+        state, loss = step_fn(state, batch, rng)
+        loss.block_until_ready()
         times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
     # the same steps dispatched back to back, waited for once: the host's dispatch of the next
     # step then overlaps the device's work (train.py reads every step's metrics back, so it
     # runs at sec_per_step; the gap between the two is what overlapping would gain)
