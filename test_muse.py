@@ -871,7 +871,8 @@ def test_train_benchmark_defaults_and_errors(capsys):
     assert (args.batch_size, args.text_length) == (64, 64)
     for argv, message in ((["base"], "--workdir"), (["vqgan", "--benchmark", "tiny"], "base model"),
                           (["base", "--benchmark", "tiny", "--peak_tflops", "1", "--peak_gflops", "1"], "not both"),
-                          (["base", "--benchmark", "tiny", "--attention", "cudnn"], "--dtype bfloat16")):
+                          (["base", "--benchmark", "tiny", "--attention", "cudnn"], "--dtype bfloat16"),
+                          (["base", "--workdir", "w", "--profile", "p"], "goes with --benchmark")):
         with pytest.raises(SystemExit) as e:
             train.parse_args(argv)
         assert e.value.code == 2

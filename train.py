@@ -1049,6 +1049,8 @@ def parse_args(argv=None):
             p.error("--batch_size, --text_length and --bench_steps must be at least 1")
     elif not args.workdir and args.stage != "tokenize":
         p.error("the following arguments are required: --workdir (unless --benchmark or tokenize)")
+    if args.profile and not args.benchmark:
+        p.error("--profile goes with --benchmark (it traces the benchmark's steps)")
     if args.attention == "cudnn" and args.dtype != "bfloat16":
         p.error("--attention cudnn goes with --dtype bfloat16 (cuDNN's fused attention has no float32 kernel)")
     if args.batch_size is None:
