@@ -296,7 +296,7 @@ def benchmark(preset, batch=8, steps=24, text_length=32, repeats=5, dtype="float
     ctx = jax.random.normal(rng, (batch, text_length, cfg.text_dim))
     mask = jnp.ones((batch, text_length), bool)
     ids = jnp.full((batch, cfg.num_tokens), cfg.mask_id, jnp.int32)
-    params = jax.jit(model.init)(rng, ids, ctx, mask)["params"]
+    params = model.init(rng, ids, ctx, mask)["params"]           # eager: see train.py train()
 
     def timed(fn):
         t0 = time.perf_counter()
