@@ -550,12 +550,14 @@ def guided_logits(model, params, ids, ctx, ctx_mask, uncond, uncond_mask, scale,
     return (1 + scale) * cond - scale * uncond_logits
 
 
-def decode(model, params, ctx, ctx_mask, uncond, uncond_mask, rng, init_ids=None, steps=24,
+def decode(model, params, ctx, ctx_mask, uncond, uncond_mask, rngs, init_ids=None, steps=24,
            guidance=3.0, temperature=1.0, choice_temperature=4.5, lowres_ids=None):
     """Parallel decoding: fill every [MASK] in `init_ids` in `steps` forward passes.
 
     ctx (B, L, Dt) / ctx_mask (B, L): the prompt's T5 embedding, encoded once by the caller.
     uncond / uncond_mask: same shapes, the empty or negative prompt.
+    rngs (B,): one PRNG key per example, as in training, so an example's draws (and image)
+    do not depend on what else is in the batch, nor on the batch size.
     init_ids (B, N): known tokens plus [MASK]s; None means an all-[MASK] grid (generation).
     Editing (§2.6) passes an image's tokens with the region to regenerate masked.
     lowres_ids (B, Nlo): the low-res tokens a super-resolution model is conditioned on.
@@ -576,23 +578,25 @@ def decode(model, params, ctx, ctx_mask, uncond, uncond_mask, rng, init_ids=None
     n0 = jnp.sum(init_ids == c.mask_id, axis=1)                                         # (B,)
 
     def step(carry, t):
-        ids, rng = carry
-        rng, r_sample, r_gumbel = jax.random.split(rng, 3)
+        ids, rngs = carry
+        keys = jax.vmap(lambda k: jax.random.split(k, 3))(rngs)                          # (B, 3) keys
+        rngs, r_sample, r_gumbel = keys[:, 0], keys[:, 1], keys[:, 2]
         ratio = (t + 1) / steps
         logits = guided_logits(model, params, ids, ctx, ctx_mask, uncond, uncond_mask, guidance * ratio,
                                lowres_ids)
         logp = jax.nn.log_softmax(logits / jnp.maximum(temperature, 1e-6))               # (B, N, K)
         unknown = ids == c.mask_id                                                       # (B, N)
-        sampled = jnp.where(unknown, jax.random.categorical(r_sample, logp), ids)        # (B, N)
+        sampled = jnp.where(unknown, jax.vmap(jax.random.categorical)(r_sample, logp), ids)  # (B, N)
         confidence = jnp.take_along_axis(logp, sampled[..., None], axis=-1)[..., 0]      # (B, N)
-        confidence += choice_temperature * (1 - ratio) * jax.random.gumbel(r_gumbel, confidence.shape)
+        gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (c.num_tokens,)))(r_gumbel)     # (B, N)
+        confidence += choice_temperature * (1 - ratio) * gumbel
         confidence = jnp.where(unknown, confidence, jnp.inf)
         n_after = mask_schedule(n0, t, steps, unknown.sum(axis=1))                      # (B,)
         rank = jnp.argsort(jnp.argsort(confidence, axis=1), axis=1)                      # 0 = least confident
         ids = jnp.where(rank < n_after[:, None], c.mask_id, sampled)
-        return (ids, rng), ids
+        return (ids, rngs), ids
 
-    (ids, _), history = jax.lax.scan(step, (init_ids.astype(jnp.int32), rng), jnp.arange(steps))
+    (ids, _), history = jax.lax.scan(step, (init_ids.astype(jnp.int32), rngs), jnp.arange(steps))
     return ids, history
 
 
@@ -618,7 +622,7 @@ def edit(model, params, ctx, ctx_mask, uncond, uncond_mask, rng, ids, iterations
         rng, r_mask, r_decode = jax.random.split(rng, 3)
         scores = jax.random.uniform(r_mask, ids.shape)                                      # (B, N)
         remask = jnp.argsort(jnp.argsort(scores, axis=1), axis=1) < n_masked                # n_masked per row
-        ids, _ = decode(model, params, ctx, ctx_mask, uncond, uncond_mask, r_decode,
+        ids, _ = decode(model, params, ctx, ctx_mask, uncond, uncond_mask, jax.random.split(r_decode, ids.shape[0]),
                         init_ids=jnp.where(remask, c.mask_id, ids), steps=1, guidance=guidance,
                         temperature=temperature, choice_temperature=0.0, lowres_ids=lowres_ids)
         return (ids, rng), ids

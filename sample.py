@@ -104,15 +104,20 @@ def encode_prompts(text_encoder, prompts, negative=None):
     return ctx, ctx_mask, uncond, uncond_mask
 
 
-def generate_ids(model, params, text_encoder, prompts, seed=0, steps=24, guidance=3.0, temperature=1.0,
+def generate_ids(model, params, text_encoder, prompts, seed=0, first=0, steps=24, guidance=3.0, temperature=1.0,
                  choice_temperature=4.5, negative=None, init_ids=None, lowres_ids=None):
     """Prompts -> token ids (B, N) by parallel decoding. The prompts are encoded once per call.
 
-    init_ids (B, N) with [MASK]s: editing (only the masked tokens are generated);
-    lowres_ids (B, Nlo): the low-res tokens a super-resolution model is conditioned on.
+    Row i's random draws come from fold_in(PRNGKey(seed), first + i): `first` is the index of
+    this call's first prompt in the whole job, so a prompt gets the same image whatever the
+    batch size (--batch_size, --evaluate). init_ids (B, N) with [MASK]s: editing (only the
+    masked tokens are generated); lowres_ids (B, Nlo): the low-res tokens a super-resolution
+    model is conditioned on.
     """
     contexts = encode_prompts(text_encoder, prompts, negative)             # encoded once, not per step
-    ids, _ = muse.decode_jit(model, params, *contexts, jax.random.PRNGKey(seed),
+    key = jax.random.PRNGKey(seed)
+    rngs = jax.vmap(lambda i: jax.random.fold_in(key, i))(first + jnp.arange(len(prompts)))   # (B,) keys
+    ids, _ = muse.decode_jit(model, params, *contexts, rngs,
                              init_ids=init_ids, steps=steps, guidance=guidance, temperature=temperature,
                              choice_temperature=choice_temperature, lowres_ids=lowres_ids)    # (B, N)
     return ids
@@ -311,7 +316,8 @@ def benchmark(preset, batch=8, steps=24, text_length=32, repeats=5, dtype="float
 
     forward = jax.jit(muse.guided_logits, static_argnames="model")
     t_fwd, _ = timed(lambda: forward(model, params, ids, ctx, mask, ctx, mask, 3.0))
-    t_batch, compile_s = timed(lambda: muse.decode_jit(model, params, ctx, mask, ctx, mask, rng, steps=steps)[0])
+    rngs = jax.random.split(rng, batch)
+    t_batch, compile_s = timed(lambda: muse.decode_jit(model, params, ctx, mask, ctx, mask, rngs, steps=steps)[0])
     flop_step = muse.transformer_flops(cfg, 2 * batch, text_length)     # guidance doubles the batch
     achieved = steps * flop_step / t_batch                               # FLOP/s over the whole decode
     peak, peak_source = peak_flops()
@@ -531,10 +537,11 @@ def evaluate(args, base, sr):
         S_lo = base.vq.cfg.resolution
         lo_ids = encode_images(base, vqgan.from_uint8(np.stack([shapes.render(o, S_lo) for _, _, o in prompts])))
 
-        superres = lambda chunk, seed: superres_stage(args, sr, [c for c, _ in chunk],
-                                                      jnp.asarray(np.stack([ids for _, ids in chunk])), seed)
+        superres = lambda chunk, first: superres_stage(
+            args, sr, [c for c, _ in chunk], jnp.asarray(np.stack([ids for _, ids in chunk])), args.seed, first)
         rows.append(("super-res only", in_batches(args, list(zip(captions, lo_ids)), superres)))
-    rows.append(("generated", in_batches(args, captions, lambda chunk, seed: run(args, base, sr, chunk, seed)[0])))
+    generate = lambda chunk, first: run(args, base, sr, chunk, args.seed, first)[0]
+    rows.append(("generated", in_batches(args, captions, generate)))
     if args.outdir:
         os.makedirs(args.outdir, exist_ok=True)
     scores, failures, results = {}, {}, []
@@ -684,8 +691,9 @@ def editing_init(args, base, sr):
     return inits + [None] * (2 - len(inits))
 
 
-def run(args, base, sr, prompts, seed):
-    """Prompts -> (final uint8 images, low-res images or None), in the mode the flags ask."""
+def run(args, base, sr, prompts, seed, first=0):
+    """Prompts -> (final uint8 images, low-res images or None), in the mode the flags ask.
+    first: the index of prompts[0] in the whole job (generate_ids)."""
     B = len(prompts)
     if args.edit:                                # mask-free editing (§2.6.2), at both scales
         lowres, images = None, []
@@ -701,21 +709,21 @@ def run(args, base, sr, prompts, seed):
         return images[-1], (images[0] if sr else None)
     init_lo, init_hr = editing_init(args, base, sr) if args.init else (None, None)
     rep = lambda x: None if x is None else jnp.asarray(np.repeat(x, B, 0))
-    lo_ids = generate_ids(base.model, base.params, base.text_encoder, prompts, seed=seed, steps=args.steps,
+    lo_ids = generate_ids(base.model, base.params, base.text_encoder, prompts, seed, first, steps=args.steps,
                           guidance=args.guidance, temperature=args.temperature,
                           choice_temperature=args.choice_temperature, negative=args.negative, init_ids=rep(init_lo))
     if sr is None:
         return ids_to_images(base.vq, base.vq_params, lo_ids), None
     # the low-res images are decoded only when asked for (--lowres-out): a decoder compile is ~1 s
     lo_images = ids_to_images(base.vq, base.vq_params, lo_ids) if args.lowres_out else None
-    return superres_stage(args, sr, prompts, lo_ids, seed, init_ids=rep(init_hr)), lo_images
+    return superres_stage(args, sr, prompts, lo_ids, seed, first, init_ids=rep(init_hr)), lo_images
 
 
-def superres_stage(args, sr, prompts, lowres_ids, seed, init_ids=None):
+def superres_stage(args, sr, prompts, lowres_ids, seed, first=0, init_ids=None):
     """run()'s super-res stage: low-res ids (B, Nlo) + prompts -> uint8 high-res images, at the
     --sr_* flags, seeded seed + 1 (the base stage takes seed). `--evaluate` also feeds it
     the renders' true low-res tokens."""
-    hr_ids = generate_ids(sr.model, sr.params, sr.text_encoder, prompts, seed=seed + 1, steps=args.sr_steps,
+    hr_ids = generate_ids(sr.model, sr.params, sr.text_encoder, prompts, seed + 1, first, steps=args.sr_steps,
                           guidance=args.sr_guidance, temperature=args.sr_temperature,
                           choice_temperature=args.choice_temperature, negative=args.negative,
                           init_ids=init_ids, lowres_ids=lowres_ids)
@@ -723,14 +731,14 @@ def superres_stage(args, sr, prompts, lowres_ids, seed, init_ids=None):
 
 
 def in_batches(args, items, fn):
-    """fn(chunk, seed) -> uint8 images, over `items` --batch_size at a time (seed: --seed + the
-    index of the chunk's first item) -> uint8 (len(items), S, S, 3). The last chunk is padded
-    to full size so that it reuses the compiled program."""
+    """fn(chunk, first) -> uint8 images, over `items` --batch_size at a time (first: the index
+    of the chunk's first item, which keys its draws) -> uint8 (len(items), S, S, 3). The last
+    chunk is padded to full size so that it reuses the compiled program."""
     images = []
     for start in range(0, len(items), args.batch_size):
         chunk = items[start:start + args.batch_size]
         padded = chunk + [chunk[-1]] * (args.batch_size - len(chunk))
-        images.append(fn(padded, args.seed + start)[:len(chunk)])
+        images.append(fn(padded, start)[:len(chunk)])
     return np.concatenate(images)
 
 
@@ -753,7 +761,8 @@ def main(argv=None):
         return
     if args.prompts_file:
         os.makedirs(args.outdir, exist_ok=True)
-        for i, image in enumerate(in_batches(args, prompts, lambda chunk, seed: run(args, base, sr, chunk, seed)[0])):
+        generate = lambda chunk, first: run(args, base, sr, chunk, args.seed, first)[0]
+        for i, image in enumerate(in_batches(args, prompts, generate)):
             Image.fromarray(image).save(os.path.join(args.outdir, f"{i:03d}.png"))
         print(f"wrote {len(prompts)} images to {args.outdir}")
         return

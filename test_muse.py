@@ -467,10 +467,15 @@ def _decode_setup(batch=2):
     return cfg, model, params, ctx, ctx_mask, uncond, umask
 
 
+def _keys(seed, batch=2):
+    """decode's per-example keys (B,)."""
+    return jax.random.split(jax.random.PRNGKey(seed), batch)
+
+
 def test_decode_reveals_each_token_once_and_follows_the_schedule():
     cfg, model, params, ctx, ctx_mask, uncond, umask = _decode_setup()
     steps = 6
-    ids, history = muse.decode_jit(model, params, ctx, ctx_mask, uncond, umask, jax.random.PRNGKey(0),
+    ids, history = muse.decode_jit(model, params, ctx, ctx_mask, uncond, umask, _keys(0),
                                    steps=steps, guidance=2.0)
     history = np.asarray(history)                             # (T, B, N)
     assert history.shape == (steps, 2, cfg.num_tokens)
@@ -492,7 +497,7 @@ def test_decode_never_changes_known_tokens():
     hole = rng.random((2, cfg.num_tokens)) < 0.4
     init[hole] = cfg.mask_id
     steps = 5
-    ids, history = muse.decode_jit(model, params, ctx, ctx_mask, uncond, umask, jax.random.PRNGKey(1),
+    ids, history = muse.decode_jit(model, params, ctx, ctx_mask, uncond, umask, _keys(1),
                                    init_ids=jnp.asarray(init), steps=steps)
     ids = np.asarray(ids)
     np.testing.assert_array_equal(ids[~hole], init[~hole])
@@ -512,8 +517,8 @@ def test_guidance_zero_is_the_conditional_model():
     guided = muse.guided_logits(model, params, ids, ctx, ctx_mask, uncond, umask, 3.0)
     assert float(jnp.abs(guided - cond).max()) > 1e-3
     # so decoding with guidance 0 does not depend on the unconditional (or negative) prompt
-    a, _ = muse.decode_jit(model, params, ctx, ctx_mask, uncond, umask, jax.random.PRNGKey(2), steps=4, guidance=0.0)
-    b, _ = muse.decode_jit(model, params, ctx, ctx_mask, ctx[::-1], ctx_mask[::-1], jax.random.PRNGKey(2),
+    a, _ = muse.decode_jit(model, params, ctx, ctx_mask, uncond, umask, _keys(2), steps=4, guidance=0.0)
+    b, _ = muse.decode_jit(model, params, ctx, ctx_mask, ctx[::-1], ctx_mask[::-1], _keys(2),
                            steps=4, guidance=0.0)
     np.testing.assert_array_equal(a, b)
 
@@ -1124,6 +1129,22 @@ def test_inpainting_keeps_tokens_outside_the_mask_and_fills_the_inside(tmp_path,
                                          steps=4, init_ids=jnp.asarray(start)))
     np.testing.assert_array_equal(ids[~hole], original[~hole])
     assert (ids[hole] != c.mask_id).all() and (ids < c.codebook_size).all()
+
+
+def test_a_prompt_gets_the_same_tokens_whatever_the_batch(tiny_base):
+    """Draws are keyed by (seed, the prompt's index in the job), not by the batch: a prompt
+    decoded among four, or in a batch of its own at the same index, gives the same tokens
+    (so `--evaluate` does not depend on --batch_size)."""
+    base, _ = sample.load_pipeline(str(tiny_base))
+    gen = lambda prompts, first: np.asarray(sample.generate_ids(base.model, base.params, base.text_encoder,
+                                                                 prompts, seed=3, first=first, steps=4))
+    prompts = ["a red square", "two blue circles", "a green triangle", "a small cyan circle"]
+    together = gen(prompts, 0)
+    np.testing.assert_array_equal(gen(prompts[2:], 2), together[2:])
+    np.testing.assert_array_equal(gen(prompts[1:2], 1), together[1:2])
+    # and the same prompt at another index, or with another seed, is drawn afresh
+    assert (gen(prompts[:1] * 4, 0)[0] == together[0]).all()
+    assert len({gen(prompts[:1] * 4, 0)[i].tobytes() for i in range(4)}) > 1
 
 
 def test_mask_free_editing_changes_at_most_the_resampled_tokens():
