@@ -473,6 +473,13 @@ def transformer_flops(cfg: MuseConfig, batch: int, text_length: int) -> int:
 # Training objective (§2.4): cosine-distributed masking, loss on masked tokens only
 # -----------------------------------------------------------------------------
 
+def example_keys(key, first, n):
+    """One PRNG key per example, (n,), from `key` and the example's index in the whole job
+    (first, first + 1, ...): masked_token_loss and decode draw each example's randomness from
+    its own key, so the results do not depend on how the examples are batched or split."""
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(first + jnp.arange(n))
+
+
 def random_mask(rng, num_tokens):
     """Which of the N tokens of one example to mask: bool (N,).
 
@@ -622,7 +629,8 @@ def edit(model, params, ctx, ctx_mask, uncond, uncond_mask, rng, ids, iterations
         rng, r_mask, r_decode = jax.random.split(rng, 3)
         scores = jax.random.uniform(r_mask, ids.shape)                                      # (B, N)
         remask = jnp.argsort(jnp.argsort(scores, axis=1), axis=1) < n_masked                # n_masked per row
-        ids, _ = decode(model, params, ctx, ctx_mask, uncond, uncond_mask, jax.random.split(r_decode, ids.shape[0]),
+        r_decode = jax.random.split(r_decode, ids.shape[0])                                 # one key per row
+        ids, _ = decode(model, params, ctx, ctx_mask, uncond, uncond_mask, r_decode,
                         init_ids=jnp.where(remask, c.mask_id, ids), steps=1, guidance=guidance,
                         temperature=temperature, choice_temperature=0.0, lowres_ids=lowres_ids)
         return (ids, rng), ids

@@ -115,8 +115,7 @@ def generate_ids(model, params, text_encoder, prompts, seed=0, first=0, steps=24
     model is conditioned on.
     """
     contexts = encode_prompts(text_encoder, prompts, negative)             # encoded once, not per step
-    key = jax.random.PRNGKey(seed)
-    rngs = jax.vmap(lambda i: jax.random.fold_in(key, i))(first + jnp.arange(len(prompts)))   # (B,) keys
+    rngs = muse.example_keys(jax.random.PRNGKey(seed), first, len(prompts))                   # (B,) keys
     ids, _ = muse.decode_jit(model, params, *contexts, rngs,
                              init_ids=init_ids, steps=steps, guidance=guidance, temperature=temperature,
                              choice_temperature=choice_temperature, lowres_ids=lowres_ids)    # (B, N)

@@ -188,8 +188,7 @@ def example_keys(rng, step, first, n):
     or the micro-batch, makes the draws independent of how the batch is split; folding in
     the step makes resumed runs draw the same.
     """
-    step_key = jax.random.fold_in(rng, step)
-    return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(first + jnp.arange(n))
+    return muse.example_keys(jax.random.fold_in(rng, step), first, n)
 
 
 def setup_vqgan(args, config):
@@ -803,8 +802,7 @@ def benchmark(args):
 
     def train_step(state, batch, rng):
         step = state["step"]
-        step_key = jax.random.fold_in(rng, step)
-        keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(jnp.arange(B))          # one key per example
+        keys = example_keys(rng, step, 0, B)                                                  # one key per example
 
         def loss_fn(params):
             loss, _ = muse.masked_token_loss(model, params, batch["ids"], batch["emb"], batch["mask"],
@@ -849,7 +847,7 @@ def benchmark(args):
         except Exception as e:
             profile = {"profile_error": f"{type(e).__name__}: {e}"[:300]}
     if not np.isfinite(float(loss)):
-        fail(f"--benchmark: loss is {float(loss)} after {args.bench_steps + 1} steps")
+        fail(f"--benchmark: loss is {float(loss)} at the last timed step")
     sec = statistics.median(times)
     flop_step = 3 * muse.transformer_flops(cfg, B, L)
     if args.peak_tflops is not None:
@@ -860,7 +858,8 @@ def benchmark(args):
         peak, peak_source = peak_flops()
     achieved = flop_step / sec
     return {"preset": args.benchmark, "dtype": args.dtype, "batch": B, "text_length": L, "params": n_params,
-            "sec_per_step": sec, "sec_per_step_pipelined": pipelined, "compile_s": compile_s, "images_per_sec": B / sec,
+            "sec_per_step": sec, "sec_per_step_pipelined": pipelined, "compile_s": compile_s,
+            "images_per_sec": B / sec,
             "tokens_per_sec": B * N / sec, "gflop_per_step": flop_step / 1e9,
             "achieved_tflops": achieved / 1e12, "peak_tflops": peak / 1e12, "mfu": achieved / peak,
             "peak_source": peak_source, "loss": float(loss), "backend": jax.default_backend(),
