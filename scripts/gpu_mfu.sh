@@ -3,8 +3,8 @@
 # command. OUT gets one JSON line per run (NAME.json), its stderr (NAME.err), the profile's
 # op table (prof/ops.txt) and nvidia-smi's utilisation every 5 s (smi.txt):
 #   bash scripts/gpu_mfu.sh OUT [SECONDS] [PRESET]    # SECONDS: the whole script's budget (540)
-# While the budget lasts: cuDNN attention at batch 64 and 128, XLA's attention at batch 64,
-# then a profiled run. XLA runs the step as CUDA graphs (command buffers), which a trace sees
+# While the budget lasts: cuDNN attention at batch 64 and 128, a profiled run, then XLA's
+# attention at batch 64. XLA runs the step as CUDA graphs (command buffers), which a trace sees
 # as one event; the profiled run turns them off so that each kernel shows, and is timed apart.
 out=${1:?usage: gpu_mfu.sh OUT [SECONDS] [PRESET]}; budget=${2:-540}; preset=${3:-base}
 mkdir -p "$out"; export PYTHONUNBUFFERED=1
