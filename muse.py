@@ -7,11 +7,11 @@ The pipeline (Fig. 3 of the paper):
   1. a VQGAN (vqgan.py) turns a 256x256 image into a 16x16 grid of codebook ids (§2.2);
   2. a frozen T5 encoder turns the prompt into a sequence of embeddings (§2.1);
   3. a bidirectional transformer sees the ids with a random subset replaced by [MASK],
-     cross-attends to the text, and predicts the masked ids (§2.2, §2.4);
+     cross-attends to the text, and predicts the masked ids (§2.3, §2.6);
   4. at sampling time, parallel decoding starts from an all-[MASK] grid and, in a few
      steps (24 for the base model), keeps the most confident predictions and re-masks
-     the rest on a cosine schedule (§2.5, from MaskGIT, Chang et al. 2022), with
-     classifier-free guidance (§2.4.1).
+     the rest on a cosine schedule (§2.8, from MaskGIT, Chang et al. 2022), with
+     classifier-free guidance (§2.7).
 
 This file holds the text encoder (a Flax T5 that reproduces transformers' T5EncoderModel),
 the masked transformer, the masking objective and the parallel decoder. train.py trains
@@ -22,7 +22,9 @@ Shape legend (used in every shape comment):
   L  text tokens (padded length)    D  transformer width
   Dt T5 width (d_model)             K  codebook size; id K is [MASK]
   H  attention heads                dh width of one head
-  T  decoding steps
+  T  decoding steps                 M  context tokens cross-attended to: L, or L + Nlo
+  Nlo  low-res tokens of the super-resolution model (its conditioning grid)
+  S  image side in pixels
 """
 import functools
 import json
@@ -54,11 +56,11 @@ class T5Config:
     d_model: int = 64                      # Dt: width of the embeddings Muse cross-attends to
     d_kv: int = 16                         # dh: width of one attention head
     d_ff: int = 128                        # hidden width of the MLP
-    num_layers: int = 2
-    num_heads: int = 4
-    relative_attention_num_buckets: int = 32
-    relative_attention_max_distance: int = 128
-    layer_norm_epsilon: float = 1e-6
+    num_layers: int = 2                    # encoder blocks
+    num_heads: int = 4                     # H
+    relative_attention_num_buckets: int = 32   # distinct relative-position biases (log-spaced)
+    relative_attention_max_distance: int = 128  # distances beyond this share the last bucket
+    layer_norm_epsilon: float = 1e-6       # of the RMS norms
     feed_forward_proj: str = "gated-gelu"  # "relu" (original T5) or "gated-gelu" (v1.1, Flan, ByT5)
     # "bfloat16": matmuls in bfloat16, for TPUs (load_t5(..., dtype="bfloat16") also stores the
     # weights in bfloat16, halving T5-XXL's encoder from 19 GB to 9.5 GB); the RMS norms
@@ -152,7 +154,8 @@ class T5Encoder(nn.Module):
 def t5_params_from_hf(state, cfg: T5Config):
     """Map a transformers T5 state dict (name -> numpy array) onto T5Encoder's params.
 
-    torch's Linear stores its weight as (out, in); a Flax Dense kernel is (in, out).
+    torch's Linear stores its weight as (out, in); a Flax Dense kernel is (in, out). Returns
+    host (numpy) float32 arrays: the caller casts and places them.
     """
     kernel = lambda name: {"kernel": np.asarray(state[name]).T}
     params = {"shared": {"embedding": state["shared.weight"]},
@@ -169,7 +172,7 @@ def t5_params_from_hf(state, cfg: T5Config):
         for name in mlp:
             block[name] = kernel(pre + f"1.DenseReluDense.{name}.weight")
         params[f"block_{i}"] = block
-    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+    return jax.tree.map(lambda a: np.asarray(a, np.float32), params)
 
 
 class TextEncoder:
@@ -229,8 +232,13 @@ def load_t5(name_or_path: str, max_length: int = 64, dtype: str = "float32"):
     Works for t5-*, t5-v1_1-*, flan-t5-* and byt5-*. A name that is not a local folder is
     fetched from the Hugging Face hub (needs internet). dtype "bfloat16" stores the weights
     in bfloat16 and multiplies in it (T5Config.compute_dtype).
+
+    Only the encoder's tensors are read (a full T5 checkpoint also holds the decoder, more
+    than half of T5-XXL's 11B parameters), and they are cast on the host, one at a time,
+    before anything reaches the device, so a bfloat16 T5-XXL encoder never needs its float32
+    copy (19 GB) in device memory.
     """
-    from safetensors.numpy import load_file
+    from safetensors import safe_open
     from transformers import AutoTokenizer
     path = name_or_path
     if not os.path.isdir(path):
@@ -239,6 +247,7 @@ def load_t5(name_or_path: str, max_length: int = 64, dtype: str = "float32"):
     with open(os.path.join(path, "config.json")) as f:
         hf = json.load(f)
     fields = set(T5Config.__dataclass_fields__)
+    hf.setdefault("feed_forward_proj", "relu")  # the original t5-* configs omit it (transformers' default)
     cfg = T5Config(**{k: v for k, v in hf.items() if k in fields}, compute_dtype=dtype)
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):                   # large checkpoints are sharded
@@ -248,15 +257,18 @@ def load_t5(name_or_path: str, max_length: int = 64, dtype: str = "float32"):
         shards = ["model.safetensors"]
     state = {}
     for shard in shards:
-        state.update(load_file(os.path.join(path, shard)))
+        with safe_open(os.path.join(path, shard), framework="numpy") as f:
+            state.update({k: f.get_tensor(k) for k in f.keys()
+                          if k.startswith("encoder.") or k == "shared.weight"})
     if "shared.weight" not in state:            # some exports keep only the encoder's tied copy
         state["shared.weight"] = state["encoder.embed_tokens.weight"]
-    params = jax.tree.map(lambda w: jnp.asarray(w, dtype), t5_params_from_hf(state, cfg))
+    host = jnp.dtype(dtype).type                # numpy casts to bfloat16 too (ml_dtypes)
+    params = jax.tree.map(lambda w: jnp.asarray(w.astype(host)), t5_params_from_hf(state, cfg))
     return TextEncoder(cfg, params, AutoTokenizer.from_pretrained(path), max_length)
 
 
 # -----------------------------------------------------------------------------
-# The masked transformer (§2.2, §2.3)
+# The masked transformer (§2.3, §2.4)
 # -----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -271,8 +283,8 @@ class MuseConfig:
     text_dim: int = 64             # Dt: width of the T5 embeddings, projected to D
     text_length: int = 64          # L: longest prompt in tokens (the text gets learned positions)
     label_smoothing: float = 0.1   # on the masked-token cross-entropy
-    cond_drop: float = 0.1         # fraction of examples trained on the empty prompt (§2.4.1)
-    # super-resolution (§2.3): a model with lowres_grid > 0 is also conditioned on the
+    cond_drop: float = 0.1         # fraction of examples trained on the empty prompt (§2.7)
+    # super-resolution (§2.4): a model with lowres_grid > 0 is also conditioned on the
     # low-resolution token grid of the base model's tokenizer
     lowres_grid: int = 0           # side of the low-res token grid (0: a base model)
     lowres_codebook_size: int = 0  # K of the low-res tokenizer
@@ -359,7 +371,7 @@ class Block(nn.Module):
     cfg: MuseConfig
 
     @nn.compact
-    def __call__(self, x, ctx=None, ctx_mask=None):  # x (B, N, D), ctx (B, L, D), ctx_mask (B, L)
+    def __call__(self, x, ctx=None, ctx_mask=None):  # x (B, N, D), ctx (B, M, D), ctx_mask (B, M)
         c = self.cfg
         # (the norms reduce in float32 whatever the dtype; their output is in c.dtype)
         h = nn.LayerNorm(name="norm_self", dtype=c.dtype)(x)
@@ -373,9 +385,9 @@ class Block(nn.Module):
 
 
 class MaskedTransformer(nn.Module):
-    """ids (some = [MASK]) + text -> logits over the K codes at every position (§2.2).
+    """ids (some = [MASK]) + text -> logits over the K codes at every position (§2.3).
 
-    The super-resolution model (§2.3, Fig. 4) is the same transformer with one more input:
+    The super-resolution model (§2.4, Fig. 4) is the same transformer with one more input:
     the low-res token ids, embedded and run through a few self-attention layers, whose
     output is concatenated with the projected text to form the cross-attention context.
     """
@@ -394,7 +406,7 @@ class MaskedTransformer(nn.Module):
         x = nn.Embed(c.codebook_size + 1, c.width, embedding_init=init, name="tok_emb",
                      dtype=c.dtype)(ids)                                                     # (B, N, D)
         x = x + pos("pos_emb", (c.num_tokens, c.width))                                      # learned positions
-        # the paper projects the T5 embeddings to the transformer's width (§2.2)
+        # the paper projects the T5 embeddings to the transformer's width (§2.3)
         ctx = nn.Dense(c.width, name="text_proj", dtype=c.dtype)(text_emb)                    # (B, L, D)
         # Departure: learned positions on the projected text. A pretrained T5 already encodes
         # word order, but the offline default is a small *random* frozen T5 whose relative
@@ -470,7 +482,7 @@ def transformer_flops(cfg: MuseConfig, batch: int, text_length: int) -> int:
 
 
 # -----------------------------------------------------------------------------
-# Training objective (§2.4): cosine-distributed masking, loss on masked tokens only
+# Training objective (§2.6): cosine-distributed masking, loss on masked tokens only
 # -----------------------------------------------------------------------------
 
 def example_keys(key, first, n):
@@ -484,7 +496,7 @@ def random_mask(rng, num_tokens):
     """Which of the N tokens of one example to mask: bool (N,).
 
     The masking rate is r = cos(pi/2 * u) with u ~ U(0, 1), i.e. density (2/pi)(1 - r^2)^(-1/2)
-    (§2.4): biased towards high rates, as at the start of decoding. At least one token is
+    (§2.6): biased towards high rates, as at the start of decoding. At least one token is
     masked, so every example contributes to the loss.
     """
     r_rate, r_pick = jax.random.split(rng)
@@ -510,7 +522,7 @@ def masked_token_loss(model, params, ids, text_emb, text_mask, empty_emb, empty_
     B, N = ids.shape
     keys = jax.vmap(lambda k: jax.random.split(k, 2))(rngs)                              # (B, 2) keys
     mask = jax.vmap(random_mask, in_axes=(0, None))(keys[:, 0], N)                       # (B, N)
-    # classifier-free guidance (§2.4.1): 10% of examples see the empty prompt instead of theirs
+    # classifier-free guidance (§2.7): 10% of examples see the empty prompt instead of theirs
     drop = jax.vmap(lambda k: jax.random.bernoulli(k, c.cond_drop))(keys[:, 1])          # (B,)
     text_emb = jnp.where(drop[:, None, None], empty_emb[None], text_emb)
     text_mask = jnp.where(drop[:, None], empty_mask[None], text_mask)
@@ -527,7 +539,7 @@ def masked_token_loss(model, params, ids, text_emb, text_mask, empty_emb, empty_
 
 
 # -----------------------------------------------------------------------------
-# Parallel decoding (§2.5, MaskGIT Chang et al. 2022)
+# Parallel decoding (§2.8, MaskGIT Chang et al. 2022)
 # -----------------------------------------------------------------------------
 
 def mask_schedule(n0, t, steps, n_masked):
@@ -543,7 +555,7 @@ def mask_schedule(n0, t, steps, n_masked):
 
 
 def guided_logits(model, params, ids, ctx, ctx_mask, uncond, uncond_mask, scale, lowres_ids=None):
-    """Classifier-free guidance (§2.4.1): (1 + s) * l_cond - s * l_uncond, logits (B, N, K).
+    """Classifier-free guidance (§2.7): (1 + s) * l_cond - s * l_uncond, logits (B, N, K).
 
     `uncond` is the empty prompt's embedding, or a negative prompt's: guidance then pushes
     away from it. Both passes run as one forward over a doubled batch. The super-res
@@ -566,7 +578,7 @@ def decode(model, params, ctx, ctx_mask, uncond, uncond_mask, rngs, init_ids=Non
     rngs (B,): one PRNG key per example, as in training, so an example's draws (and image)
     do not depend on what else is in the batch, nor on the batch size.
     init_ids (B, N): known tokens plus [MASK]s; None means an all-[MASK] grid (generation).
-    Editing (§2.6) passes an image's tokens with the region to regenerate masked.
+    Editing (§3.3) passes an image's tokens with the region to regenerate masked.
     lowres_ids (B, Nlo): the low-res tokens a super-resolution model is conditioned on.
     Returns (ids (B, N), history (T, B, N)): the grid after each step, so tests can check
     that every token is revealed exactly once and that known tokens never change.
@@ -575,8 +587,8 @@ def decode(model, params, ctx, ctx_mask, uncond, uncond_mask, rngs, init_ids=Non
     `temperature`), score it by its log-probability plus Gumbel noise whose temperature
     falls linearly to 0 (MaskGIT's "choice temperature": exploration early, greedy late),
     keep the most confident and re-mask the mask_schedule(...) least confident. Known
-    tokens get confidence +inf, so they are never re-masked. The guidance scale ramps
-    linearly from 0 to `guidance` over the steps (§2.5).
+    tokens get confidence +inf, so they are never re-masked. The guidance scale ramps up
+    linearly over the steps (§2.7): guidance * (t + 1) / steps at step t.
     """
     c = model.cfg
     B = ctx.shape[0]
@@ -611,31 +623,32 @@ def decode(model, params, ctx, ctx_mask, uncond, uncond_mask, rngs, init_ids=Non
 decode_jit = jax.jit(decode, static_argnames=("model", "steps"))
 
 
-def edit(model, params, ctx, ctx_mask, uncond, uncond_mask, rng, ids, iterations=100, fraction=0.08,
+def edit(model, params, ctx, ctx_mask, uncond, uncond_mask, rngs, ids, iterations=100, fraction=0.08,
          guidance=4.0, temperature=1.0, lowres_ids=None):
-    """Mask-free editing (§2.6.2): move an image's tokens towards a new prompt.
+    """Mask-free editing (§3.3.2): move an image's tokens towards a new prompt.
 
     ids (B, N): the tokens of the image to edit. Each iteration masks a random `fraction` of
     the tokens (paper: 8%) and resamples them, conditioned on the new prompt with guidance
     (paper: scale 4, 100 iterations), in one parallel step; the rest of the image stays
     as it is, so the edit keeps the layout while the prompt pulls the content.
-    Returns (ids (B, N), history (iterations, B, N)).
+    rngs (B,): one PRNG key per example, as in decode. Returns (ids (B, N), history
+    (iterations, B, N)).
     """
     c = model.cfg
     n_masked = max(1, math.ceil(fraction * ids.shape[1]))
 
     def step(carry, _):
-        ids, rng = carry
-        rng, r_mask, r_decode = jax.random.split(rng, 3)
-        scores = jax.random.uniform(r_mask, ids.shape)                                      # (B, N)
+        ids, rngs = carry
+        keys = jax.vmap(lambda k: jax.random.split(k, 3))(rngs)                          # (B, 3) keys
+        rngs, r_mask, r_decode = keys[:, 0], keys[:, 1], keys[:, 2]
+        scores = jax.vmap(lambda k: jax.random.uniform(k, (ids.shape[1],)))(r_mask)      # (B, N)
         remask = jnp.argsort(jnp.argsort(scores, axis=1), axis=1) < n_masked                # n_masked per row
-        r_decode = jax.random.split(r_decode, ids.shape[0])                                 # one key per row
         ids, _ = decode(model, params, ctx, ctx_mask, uncond, uncond_mask, r_decode,
                         init_ids=jnp.where(remask, c.mask_id, ids), steps=1, guidance=guidance,
                         temperature=temperature, choice_temperature=0.0, lowres_ids=lowres_ids)
-        return (ids, rng), ids
+        return (ids, rngs), ids
 
-    (ids, _), history = jax.lax.scan(step, (ids.astype(jnp.int32), rng), None, length=iterations)
+    (ids, _), history = jax.lax.scan(step, (ids.astype(jnp.int32), rngs), None, length=iterations)
     return ids, history
 
 

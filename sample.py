@@ -5,15 +5,15 @@
     python sample.py --prompts-file prompts.txt --outdir samples/     # samples/000.png, 001.png, ...
     python sample.py --benchmark small                                  # speed, one JSON line
 
-    # zero-shot editing (§2.6): no fine-tuning, the same decoder started from an image's tokens
+    # zero-shot editing (§3.3): no fine-tuning, the same decoder started from an image's tokens
     python sample.py "a blue square" --init in.png --mask mask.png --out out.png     # inpainting
     python sample.py "a red circle" --init in.png --outpaint right --amount 0.25     # outpainting
     python sample.py "a green circle" --edit in.png --edit-steps 100                 # mask-free editing
 
 The checkpoint (--checkpoint, a workdir of `train.py base`) holds everything needed: the
 transformer, the frozen VQGAN and the frozen text encoder, and their configs. A folder
-with `base/` and `superres/` (or --superres DIR) runs base -> super-resolution (§2.3). Sampling
-(§2.5 of the paper) is `muse.decode`: one jit-compiled loop of --steps forward passes, each
+with `base/` and `superres/` (or --superres DIR) runs base -> super-resolution (§2.4). Sampling
+(§2.8 of the paper) is `muse.decode`: one jit-compiled loop of --steps forward passes, each
 revealing the most confident tokens on a cosine schedule, with classifier-free guidance
 whose scale ramps linearly up to --guidance; --negative replaces the empty prompt of the
 unconditional pass with a prompt to steer away from.
@@ -40,8 +40,10 @@ import muse
 import vqgan
 
 # XLA on CPU compiles the default ("partitionable") threefry PRNG slowly: ~2.4 s instead of
-# ~0.3 s for one draw of a few thousand numbers, which dominates start-up on a laptop. We
-# shard with pmap and per-example keys, so the partitionable variant buys nothing here.
+# ~0.3 s for one draw of a few thousand numbers, which dominates start-up on a laptop.
+# Sampling, and training (train.py imports this module, and so this setting), draw with
+# per-example keys and never shard one random draw across devices, which is all the
+# partitionable variant is for.
 jax.config.update("jax_threefry_partitionable", False)
 
 # the shipped demo pipeline (README.md, "The demo checkpoint"), found wherever sample.py is run from
@@ -104,9 +106,10 @@ def encode_prompts(text_encoder, prompts, negative=None):
     return ctx, ctx_mask, uncond, uncond_mask
 
 
-def generate_ids(model, params, text_encoder, prompts, seed=0, first=0, steps=24, guidance=3.0, temperature=1.0,
-                 choice_temperature=4.5, negative=None, init_ids=None, lowres_ids=None):
-    """Prompts -> token ids (B, N) by parallel decoding. The prompts are encoded once per call.
+def generate_ids(model, params, text_encoder, prompts, seed=0, first=0, steps=24, guidance=3.0, temperature=0.5,
+                 choice_temperature=2.0, negative=None, init_ids=None, lowres_ids=None):
+    """Prompts -> token ids (B, N) by parallel decoding. The prompts are encoded once per call;
+    the defaults are the command line's for the base model (parse_args says why).
 
     Row i's random draws come from fold_in(PRNGKey(seed), first + i): `first` is the index of
     this call's first prompt in the whole job, so a prompt gets the same image whatever the
@@ -178,7 +181,7 @@ def load_pipeline(path, superres=None):
 
 
 # -----------------------------------------------------------------------------
-# Editing without fine-tuning (§2.6): inpainting, outpainting, mask-free editing
+# Editing without fine-tuning (§3.3): inpainting, outpainting, mask-free editing
 # -----------------------------------------------------------------------------
 
 def centre_square(a):
@@ -199,7 +202,8 @@ def load_image(path, resolution, what="--init"):
 
 
 def load_mask(path, image_path):
-    """A mask PNG (white = regenerate) -> bool (H, W), as large as the --init image."""
+    """A mask PNG (white = regenerate), as large as the --init image -> bool (S, S): its
+    centre square, the part of the image that load_image keeps."""
     try:
         size = Image.open(image_path).size
     except (OSError, ValueError) as e:
@@ -493,7 +497,8 @@ def check_image(image, caption):
 
 
 def evaluation_prompts(num, seed, holdout):
-    """`num` captions, the same number from each of the five templates, plus as many
+    """num captions rounded up to a multiple of five, the same number from each of the five
+    templates, plus as many
     template-4 captions that use a held-out pair (none without a holdout). Drawn with the
     shapes world's own caption sampler and a fixed seed; returns [(template, caption, objects)]
     where objects (the renderer's scene) is used only to draw the reference renders."""
@@ -665,7 +670,7 @@ def parse_args(argv=None):
     if args.init and not (args.mask or args.outpaint):
         p.error("--init needs --mask MASK.png or --outpaint SIDE")
     if modes and (args.prompts_file or args.evaluate):
-        p.error("editing works on one prompt, not --prompts-file")
+        p.error(f"editing works on one prompt, not --{'prompts-file' if args.prompts_file else 'evaluate'}")
     if not 0 < args.amount < 1 or not 0 < args.edit_fraction <= 1:
         p.error("--amount must be in (0, 1) and --edit-fraction in (0, 1]")
     return args
@@ -684,7 +689,11 @@ def editing_init(args, base, sr):
             inits.append(np.where(hole, c.mask_id, ids))
         else:
             # whole base tokens, the same strip at every scale
-            n = max(1, round(args.amount * base.model.cfg.grid)) * (c.grid // base.model.cfg.grid)
+            g = base.model.cfg.grid
+            if round(args.amount * g) >= g:
+                fail(f"--amount {args.amount} would shift the whole image out of its {g}-token grid "
+                     f"(keep it under {(g - 0.5) / g:.2f})")
+            n = max(1, round(args.amount * g)) * (c.grid // g)
             shifted, _ = outpaint_tokens(ids.reshape(1, c.grid, c.grid), args.outpaint, n, c.mask_id)
             inits.append(shifted.reshape(1, -1))
     return inits + [None] * (2 - len(inits))
@@ -694,15 +703,18 @@ def run(args, base, sr, prompts, seed, first=0):
     """Prompts -> (final uint8 images, low-res images or None), in the mode the flags ask.
     first: the index of prompts[0] in the whole job (generate_ids)."""
     B = len(prompts)
-    if args.edit:                                # mask-free editing (§2.6.2), at both scales
+    if args.edit:                                # mask-free editing (§3.3.2), at both scales
         lowres, images = None, []
         for i, stage in enumerate([base, sr] if sr else [base]):
             image = load_image(args.edit, stage.vq.cfg.resolution, "--edit")
             ids = jnp.asarray(np.repeat(encode_image(stage, image), B, 0))              # (B, N)
             contexts = encode_prompts(stage.text_encoder, prompts, args.negative)
-            ids, _ = muse.edit_jit(stage.model, stage.params, *contexts, jax.random.PRNGKey(seed + i), ids,
-                                   iterations=args.edit_steps, fraction=args.edit_fraction, guidance=args.guidance,
-                                   temperature=args.temperature, lowres_ids=lowres)
+            rngs = muse.example_keys(jax.random.PRNGKey(seed + i), first, B)            # (B,) keys, as generate_ids
+            guidance, temperature = (args.guidance, args.temperature) if i == 0 else (args.sr_guidance,
+                                                                                      args.sr_temperature)
+            ids, _ = muse.edit_jit(stage.model, stage.params, *contexts, rngs, ids, iterations=args.edit_steps,
+                                   fraction=args.edit_fraction, guidance=guidance, temperature=temperature,
+                                   lowres_ids=lowres)
             images.append(ids_to_images(stage.vq, stage.vq_params, ids))
             lowres = ids                        # the super-res edit is conditioned on the edited base tokens
         return images[-1], (images[0] if sr else None)

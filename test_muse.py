@@ -315,6 +315,32 @@ def test_t5_matches_transformers(tmp_path, variant):
     assert 1e-4 < err < 5e-2, err                      # rounded (so bfloat16 really ran), but close
 
 
+def test_t5_from_full_checkpoint_without_ff_proj(tmp_path):
+    """A full encoder-decoder checkpoint (as t5-small ships) whose config.json predates
+    `feed_forward_proj`: load_t5 takes the missing key as transformers does (ReLU), skips
+    the decoder's tensors, and matches the model's own encoder."""
+    torch = _torch()
+    from transformers import ByT5Tokenizer, T5Config, T5ForConditionalGeneration
+    torch.manual_seed(0)
+    hf = T5ForConditionalGeneration(T5Config(vocab_size=384, d_model=32, d_ff=64, num_layers=2, d_kv=8,
+                                             num_heads=4, relative_attention_num_buckets=8,
+                                             feed_forward_proj="relu")).eval()
+    hf.save_pretrained(tmp_path)
+    ByT5Tokenizer().save_pretrained(tmp_path)
+    with open(tmp_path / "config.json") as f:
+        config = json.load(f)
+    del config["feed_forward_proj"]
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(config, f)
+    enc = muse.load_t5(str(tmp_path), max_length=16)
+    assert enc.cfg.feed_forward_proj == "relu"
+    ids, mask = enc.tokenize(["a red circle", ""])
+    with torch.no_grad():
+        ref = hf.encoder(input_ids=torch.tensor(ids, dtype=torch.long),
+                         attention_mask=torch.tensor(mask, dtype=torch.long)).last_hidden_state.numpy()
+    np.testing.assert_allclose(np.asarray(enc(["a red circle", ""])[0]), ref, atol=2e-5, rtol=1e-4)
+
+
 def test_relative_position_buckets_match_transformers():
     torch = _torch()
     from transformers.models.t5.modeling_t5 import T5Attention
@@ -577,6 +603,10 @@ def test_checkpoint_round_trip_and_exact_resume(tmp_path, tiny_vqgan):
     _train(tmp_path / "b", "base", *base, "--steps", "5")
     ckpt = sample.read_checkpoint(str(tmp_path / "b"))
     assert int(ckpt["step"]) == 5 and ckpt["config"]["train"]["decay_steps"] == 10
+    # as if the run had gone on past its checkpoint and been killed mid-line: the resume
+    # drops those rows (they are trained and logged again) and the torn line
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 6, "loss": 9.0}) + "\n" + '{"step": 7, "lo')
     # the saved params are the ones the run ended with... and the resumed run ends where the straight one did
     resumed = _train(tmp_path / "b", "base", "--vqgan", str(tiny_vqgan), "--steps", "10", "--resume")
     a, b = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
@@ -945,6 +975,8 @@ def test_train_cli_errors(tmp_path, capsys):
         (["vqgan", "--workdir", str(tmp_path), "--batch_size", "6", "--num_devices", "4"], "multiple of the device count"),
         (["gan", "--workdir", str(tmp_path)], "invalid choice: 'gan'"),
         (["base", "--workdir", str(tmp_path), "--process_id", "1"], "go with --multihost"),
+        (["vqgan", "--workdir", str(tmp_path), "--preset", "demo"], "--preset demo: not a vqgan preset"),
+        (["superres", "--workdir", str(tmp_path), "--preset", "shapes_hr"], "not a superres preset"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as e:
@@ -971,7 +1003,7 @@ def test_cli_error_has_no_traceback(tmp_path, argv, code, message):
 
 
 # =============================================================================
-# Super-resolution (§2.3) and zero-shot editing (§2.6)
+# Super-resolution (§2.4) and zero-shot editing (§3.3)
 # =============================================================================
 
 def test_superres_transformer_shapes_and_lowres_conditioning():
@@ -1151,12 +1183,17 @@ def test_a_prompt_gets_the_same_tokens_whatever_the_batch(tiny_base):
 def test_mask_free_editing_changes_at_most_the_resampled_tokens():
     cfg, model, params, ctx, ctx_mask, uncond, umask = _decode_setup()
     start = jax.random.randint(jax.random.PRNGKey(5), (2, cfg.num_tokens), 0, cfg.codebook_size)
-    ids, history = muse.edit_jit(model, params, ctx, ctx_mask, uncond, umask, jax.random.PRNGKey(6), start,
+    keys = muse.example_keys(jax.random.PRNGKey(6), 0, 2)                      # (B,) keys
+    ids, history = muse.edit_jit(model, params, ctx, ctx_mask, uncond, umask, keys, start,
                                  iterations=12, fraction=0.2, guidance=4.0)
     history = np.concatenate([np.asarray(start)[None], np.asarray(history)])    # (13, B, N)
     per_iteration = (history[1:] != history[:-1]).sum(-1)                      # (12, B)
     assert per_iteration.max() <= int(np.ceil(0.2 * cfg.num_tokens))
     assert per_iteration.sum() > 0 and (history != cfg.mask_id).all()
+    # per-example draws: the first row edited alone ends where it did beside the second
+    alone, _ = muse.edit_jit(model, params, ctx[:1], ctx_mask[:1], uncond[:1], umask[:1], keys[:1], start[:1],
+                             iterations=12, fraction=0.2, guidance=4.0)
+    np.testing.assert_array_equal(alone, ids[:1])
 
 
 def test_editing_modes_end_to_end_through_superres(tmp_path, tiny_base, tiny_superres):
@@ -1201,6 +1238,11 @@ def test_bad_masks_get_a_clear_error(tmp_path, tiny_base, capsys):
     with pytest.raises(SystemExit) as e:
         sample.main(["a red square", "--checkpoint", str(tiny_base), "--mask", str(mask)])
     assert e.value.code == 2 and "--mask needs --init" in capsys.readouterr().err
+    # outpainting by (nearly) the whole width would keep none of the image
+    with pytest.raises(SystemExit) as e:
+        sample.main(["a red square", "--checkpoint", str(tiny_base), "--init", str(init), "--outpaint", "left",
+                     "--amount", "0.95", "--out", str(tmp_path / "o.png")])
+    assert e.value.code == 1 and "would shift the whole image out" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("module", [sample, train])

@@ -1,5 +1,5 @@
 """Train Muse's stages with data-parallel `jax.pmap`: the VQGAN tokenizers, the base model
-(§2.2) and the super-resolution model (§2.3).
+(§2.3) and the super-resolution model (§2.4).
 
     python train.py vqgan    --data shapes --workdir runs/vq    --steps 1500 --batch_size 16 --lr 1e-3
     python train.py base     --data shapes --workdir runs/base  --steps 1500 --batch_size 32 --vqgan runs/vq
@@ -36,6 +36,7 @@ import argparse
 import collections
 import functools
 import glob
+import io
 import json
 import os
 import re
@@ -52,6 +53,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import serialization
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 import data
@@ -142,13 +144,6 @@ def unreplicate(tree):
 # Optimizer: AdamW, linear warm-up then cosine decay, global-norm gradient clipping
 # -----------------------------------------------------------------------------
 
-def check_attention(attention):
-    """A clear error where cuDNN's fused attention cannot run (XLA's own would be a long trace)."""
-    if attention == "cudnn" and jax.default_backend() != "gpu":
-        fail(f"--attention cudnn: cuDNN's fused attention needs an NVIDIA GPU; this run is on "
-             f"{jax.default_backend()} (use --attention xla, the same maths)")
-
-
 def make_optimizer(args):
     """AdamW without its learning rate: the train step multiplies the update by
     -learning_rate(...) itself (optax.adamw is the same chain ending in that scaling), so the
@@ -176,8 +171,9 @@ def learning_rate(step, peak, warmup, horizon):
 
 
 # -----------------------------------------------------------------------------
-# The two stages. Each returns its config (a JSON-able dict), its initial trainable
-# params, the frozen arrays it needs (`consts`), and a per-device train step.
+# The stages. setup_vqgan / setup_transformer return what train() needs of a stage: its
+# params' init, its frozen arrays (`consts`), its per-device loss, a sample-grid writer, the
+# image resolutions it reads and its text encoder (None for the tokenizer).
 # -----------------------------------------------------------------------------
 
 def example_keys(rng, step, first, n):
@@ -207,7 +203,8 @@ def setup_vqgan(args, config):
         out = vqgan.vqgan_losses(model, disc, params["vqgan"], params["disc"], batch["images"],
                                  use_adv=step >= args.disc_start)
         loss = out["g_loss"].mean() + out["d_loss"].mean()
-        # usage statistics over the global batch: psum the code counts of every device
+        # usage statistics over the devices' batches (under --grad_accum, of one micro-batch
+        # each, averaged over the micro-batches): psum the code counts of every device;
         # a sum of one-hots, not jnp.bincount: a scatter-add whose ids pile onto a few codes
         # serialises on a GPU (the suspected cause of a 64 px tokenizer run slowing to 1-3
         # steps/s on an H200 while the 32 px one ran at 17-85)
@@ -228,12 +225,19 @@ def setup_vqgan(args, config):
             "resolutions": (cfg.resolution,), "text_encoder": None}
 
 
+def check_attention(attention):
+    """A clear error where cuDNN's fused attention cannot run (XLA's own would be a long trace)."""
+    if attention == "cudnn" and jax.default_backend() != "gpu":
+        fail(f"--attention cudnn: cuDNN's fused attention needs an NVIDIA GPU; this run is on "
+             f"{jax.default_backend()} (use --attention xla, the same maths)")
+
+
 def setup_transformer(args, config, consts):
     """The base or the super-resolution masked transformer, over frozen tokenizers and T5.
 
     base:     predicts the tokens of `vqgan` from the text.
     superres: predicts the tokens of `vqgan_hr` (the high-res tokenizer) from the text and
-              the tokens of `vqgan` (the base model's low-res tokenizer), paper §2.3.
+              the tokens of `vqgan` (the base model's low-res tokenizer), paper §2.4.
     consts: the frozen params {"vqgan", "t5"} (+ "vqgan_hr" for superres).
     """
     superres = config["stage"] == "superres"
@@ -286,7 +290,8 @@ def setup_transformer(args, config, consts):
         else:
             lo_ids = vqgan.encode_jit(lo_vq, consts["vqgan"], batch["lowres_images"][:n]).reshape(n, -1)
             original = vqgan.to_uint8(batch["images"][:n])
-        ids = generate_ids(model, params, text_encoder, batch["captions"][:n], seed=0, steps=8, lowres_ids=lo_ids)
+        ids = generate_ids(model, params, text_encoder, batch["captions"][:n], seed=0, steps=8, lowres_ids=lo_ids,
+                           guidance=0.0, temperature=0.1)              # sample.py's --sr_* defaults
         f = out_cfg.resolution // lo_cfg.resolution                      # nearest-neighbour upsampling factor
         up = ids_to_images(lo_vq, consts["vqgan"], lo_ids).repeat(f, 1).repeat(f, 2)
         save_grid(np.concatenate([up, ids_to_images(out_vq, consts[out_key], ids), original]), path, cols=n)
@@ -400,8 +405,9 @@ def init_transformer_from(path, stage, params, consts):
     for key in ("vqgan", "vqgan_hr", "t5"):
         if key in consts and (key not in ckpt["consts"] or
                               data.fingerprint(ckpt["consts"][key]) != data.fingerprint(consts[key])):
-            fail(f"--init {path}: its {key!r} weights differ from this run's (pass the same "
-                 f"--{key} or --text_encoder it was trained with)")
+            flag = {"vqgan": "--vqgan", "vqgan_hr": "--vqgan_hr", "t5": "--text_encoder"}[key]
+            fail(f"--init {path}: its {key!r} weights differ from this run's (pass the same {flag} "
+                 f"it was trained with)")
     if not same_shapes(ckpt["params"], params):
         fail(f"--init {path}: its transformer has another architecture (preset) than this run's")
     return serialization.from_state_dict(params, ckpt["params"])
@@ -417,6 +423,16 @@ RESUMED_ARGS = ("batch_size", "seed", "num_examples", "holdout", "lr", "warmup",
 # Checkpoints: one msgpack file, written to a temporary name and renamed into place, so
 # a crash mid-write leaves the previous checkpoint intact.
 # -----------------------------------------------------------------------------
+
+def write_atomically(path, payload):
+    """payload: a pytree (msgpack) or bytes."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(payload if isinstance(payload, bytes) else serialization.msgpack_serialize(payload))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)                       # atomic on POSIX
+
 
 def save_checkpoint(workdir, state, consts, config, rng):
     payload = jax.tree.map(np.asarray, {
@@ -499,10 +515,9 @@ def tokenize(args):
         nonlocal out, files
         if out:
             arrays = {k: np.concatenate([o[k] for o in out]) for k in out[0]}
-            path = os.path.join(args.out, f"tokens-{p:03d}-{files:05d}.npz")
-            with open(path + ".tmp", "wb") as f:           # whole, then renamed: never half a file
-                np.savez(f, **arrays)
-            os.replace(path + ".tmp", path)
+            buf = io.BytesIO()
+            np.savez(buf, **arrays)
+            write_atomically(os.path.join(args.out, f"tokens-{p:03d}-{files:05d}.npz"), buf.getvalue())
             out, files = [], files + 1
 
     for step in tqdm(range(steps), disable=p != 0, desc="tokenize"):
@@ -524,22 +539,14 @@ def tokenize(args):
         if sum(len(o["captions"]) for o in out) >= args.shard_size:
             flush()
     flush()
+    if jax.process_count() > 1:                 # every host's files are written before the manifest
+        multihost_utils.sync_global_devices("tokenize: files written")
     if p == 0:                                  # the manifest last: a folder without it is not read
         manifest = {k: {"config": t["config"]["vqgan"], "fingerprint": data.fingerprint(t["params"]["vqgan"])}
                     for k, t in tokenizers.items()}
         write_atomically(os.path.join(args.out, data.MANIFEST),
                          json.dumps(dict(manifest, data=args.data), indent=1).encode())
     print(f"tokenized {count} examples into {files} files in {args.out}")
-
-
-def write_atomically(path, payload):
-    """payload: a pytree (msgpack) or bytes."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(payload if isinstance(payload, bytes) else serialization.msgpack_serialize(payload))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)                       # atomic on POSIX
 
 
 # -----------------------------------------------------------------------------
@@ -594,7 +601,8 @@ def train(args):
                  "opt_state": serialization.from_state_dict(state["opt_state"], ckpt["opt_state"]),
                  "step": np.int32(ckpt["step"])}
         rng = jnp.asarray(ckpt["rng"], jnp.uint32)
-        truncate_metrics(args.workdir, state["step"])
+        if is_main:                             # (process 0 alone writes the run's files)
+            truncate_metrics(args.workdir, state["step"])
     start = int(state["step"])
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     if is_main:
@@ -624,8 +632,10 @@ def train(args):
                 (_, mets), g = grad_fn(params, consts, mb, rng, step, first + i * m)
                 return jax.tree.map(jnp.add, total, (g, mets)), None
 
-            shapes_ = jax.eval_shape(grad_fn, params, consts, jax.tree.map(lambda x: x[0], micro), rng, step, first)
-            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes_[1], shapes_[0][1]))
+            # the running sums start at zero, shaped like one micro-batch's (grads, metrics)
+            one_micro = jax.tree.map(lambda x: x[0], micro)
+            (_, metrics_shape), grads_shape = jax.eval_shape(grad_fn, params, consts, one_micro, rng, step, first)
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grads_shape, metrics_shape))
             total, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k), micro))
             grads, metrics = jax.tree.map(lambda x: x / k, total)
         # each device saw a different slice of the batch: average the gradients (and the
@@ -942,13 +952,21 @@ def profile_report(trace_dir, hlo_text, steps):
 
 
 def truncate_metrics(workdir, step):
-    """On resume, drop logged steps past the checkpoint: they will be logged again."""
+    """On resume, drop logged steps past the checkpoint: they will be logged again. A line
+    that does not parse (a run killed mid-write) is dropped too; the file is replaced
+    atomically, so a crash here loses nothing."""
     path = os.path.join(workdir, "metrics.jsonl")
-    if os.path.exists(path):
-        with open(path) as f:
-            lines = [l for l in f if l.strip() and json.loads(l)["step"] <= step]
-        with open(path, "w") as f:
-            f.writelines(lines)
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                pass
+    write_atomically(path, "".join(kept).encode())
 
 
 def parse_args(argv=None):
@@ -1025,7 +1043,7 @@ def parse_args(argv=None):
                         "flash attention (NVIDIA GPUs, with --dtype bfloat16)")
     p.add_argument("--bench_steps", type=int, default=10, help="--benchmark: timed steps (after one warm-up step)")
     p.add_argument("--profile", default=None, metavar="DIR",
-                   help="--benchmark: also trace 3 steps into DIR and add the device time per step of each "
+                   help=f"--benchmark: also trace {PROFILE_STEPS} steps into DIR and add the device time per step of each "
                         "kind of op (matmul, attention, elementwise, ...) to the JSON; DIR/ops.txt lists the ops")
     p.add_argument("--peak_tflops", type=float, default=None,
                    help="--benchmark: the device's peak for MFU (default: the datasheet bf16 peak of a known "
@@ -1048,6 +1066,9 @@ def parse_args(argv=None):
             p.error("--batch_size, --text_length and --bench_steps must be at least 1")
     elif not args.workdir and args.stage != "tokenize":
         p.error("the following arguments are required: --workdir (unless --benchmark or tokenize)")
+    presets = vqgan.PRESETS if args.stage == "vqgan" else muse.PRESETS
+    if args.preset is not None and args.stage in ("vqgan", "base", "superres") and args.preset not in presets:
+        p.error(f"--preset {args.preset}: not a {args.stage} preset (choose from {', '.join(presets)})")
     if args.profile and not args.benchmark:
         p.error("--profile goes with --benchmark (it traces the benchmark's steps)")
     if args.attention == "cudnn" and args.dtype != "bfloat16":

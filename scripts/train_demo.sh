@@ -13,7 +13,7 @@
 #   3. the super-resolution model (8x8 -> 16x16 tokens), which needs both tokenizers but not
 #      the base model: on a GPU it starts as soon as the 64 px tokenizer is done, beside the
 #      base model (110 s + max(300 s, 120 s + 240 s)); on a CPU, whose two cores two runs
-#      would share, after the base model (110 s + 3600 s + 2400 s; the recipe as measured).
+#      would share, after the base model (1200 s + 3600 s + 2400 s; the recipe as measured).
 # Then both transformers are exported to float16 checkpoints in RUNS/demo, which
 # `python sample.py --checkpoint RUNS/demo` reads (copy it to checkpoints/demo to ship it).
 #
