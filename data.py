@@ -329,8 +329,11 @@ class Reader:
         """
         records = [next(self._stream) for _ in range(b)]
         if self.tokens:                          # token ids: nothing to decode
-            return [np.stack([r[1][0][k][r[1][1]] for r in records]) for k in range(len(records[0][1][0]))], \
-                [r[2] for r in records]
+            # each record is (key, (arrays of its file, its row), caption); arrays = [ids(, hr_ids)]
+            rows = [(arrays, row) for _, (arrays, row), _ in records]
+            per_array = [np.stack([arrays[k][row] for arrays, row in rows])      # (b, N) each
+                         for k in range(len(rows[0][0]))]
+            return per_array, [caption for _, _, caption in records]
         decoded = list(self.pool.map(lambda r: decode(r[1], self.resolutions), records))
         good = [i for i, d in enumerate(decoded) if d is not None]
         if not good:

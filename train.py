@@ -208,8 +208,8 @@ def setup_vqgan(args, config):
         # a sum of one-hots, not jnp.bincount: a scatter-add whose ids pile onto a few codes
         # serialises on a GPU (the suspected cause of a 64 px tokenizer run slowing to 1-3
         # steps/s on an H200 while the 32 px one ran at 17-85)
-        ids = out["ids"].reshape(-1)
-        counts = jax.lax.psum(jax.nn.one_hot(ids, cfg.codebook_size, dtype=jnp.int32).sum(0), "batch")
+        ids = out["ids"].reshape(-1)                                                       # (b * h * w,)
+        counts = jax.lax.psum(jax.nn.one_hot(ids, cfg.codebook_size, dtype=jnp.int32).sum(0), "batch")  # (K,)
         stats = vqgan.codebook_stats(counts)
         metrics = {"loss": out["g_loss"].mean(), "rec_loss": out["rec_loss"].mean(),
                    "d_loss": out["d_loss"].mean(), "commit_loss": out["commit_loss"].mean(),
