@@ -19,7 +19,9 @@ whose scale ramps linearly up to --guidance; --negative replaces the empty promp
 unconditional pass with a prompt to steer away from.
 """
 import argparse
+import collections
 import functools
+import glob
 import json
 import math
 import os
@@ -289,7 +291,79 @@ def peak_flops():
     return 2 * n ** 3 / statistics.median(times), f"measured {n}x{n} float32 matmul on {device.device_kind}"
 
 
-def benchmark(preset, batch=8, steps=24, text_length=32, repeats=5, dtype="float32"):
+def op_category(text):
+    """What kind of work an op does, from its line in the compiled HLO (or its kernel's name).
+
+    Reads the op's own name, opcode and attributes, and the jax primitive it came from (the
+    last word of its metadata's op_name): not its operands, nor the rest of the op_name path,
+    which says "transpose(jvp(...))" for every op of the backward pass."""
+    m = re.match(r"%?(\S+) = .*? ([\w-]+)\([^)]*\)(.*)", text)
+    name, opcode, attrs = m.groups() if m else (text, "", "")
+    primitive = re.search(r'op_name="[^"]*?([\w-]+)"', attrs)
+    primitive = primitive.group(1) if primitive else ""
+    own = f"{name} {opcode} {re.sub(r'metadata=[{][^}]*[}]', '', attrs)} {primitive}"
+    if "command_buffer" in own:                # XLA ran a stretch of kernels as one CUDA graph
+        return "CUDA graph (its kernels show with XLA_FLAGS=--xla_gpu_enable_command_buffer=)"
+    if any(k in own for k in ("fmha", "sdpa", "flash")):
+        return "attention (cuDNN fused)"
+    if any(k in own for k in ("gemm", "matmul", "dot_general", "nvjet", "cutlass")) or opcode in ("dot", "convolution"):
+        return "matmul"
+    if name.startswith(("copy", "transpose")) or opcode in ("copy", "transpose") or primitive == "transpose":
+        return "copies / transposes"
+    if "kind=kInput" in own or "reduce" in own:
+        return "reductions (softmax, norms, loss, grad norm)"
+    if "kind=kLoop" in own or "fusion" in name:
+        return "elementwise (loop fusions)"
+    return "other"
+
+
+def profile_report(trace_dir, hlo_text, steps):
+    """Device time per step of each op of the compiled step, from a jax.profiler trace.
+
+    Reads the trace back with jax.profiler.ProfileData (no TensorBoard needed). On a GPU the
+    device's stream lines hold one event per kernel (named by its XLA op, stat `hlo_op`, or
+    else by the kernel); on a TPU the "XLA Ops" line; on a CPU the host's XLA thunks. Each
+    op's time is summed and put in a category from its line in the compiled HLO (`hlo_text`).
+    Writes trace_dir/ops.txt (the categories, then the 60 costliest ops with their HLO) and
+    returns {category: ms per step}, plus "total" (the device's busy time per step).
+    """
+    path = max(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
+    hlo = {}                                    # op name -> its instruction line
+    for line in hlo_text.splitlines():
+        line = line.strip().removeprefix("ROOT ")
+        if " = " in line:
+            hlo.setdefault(line.split(" = ")[0].lstrip("%"), line)
+    planes = list(jax.profiler.ProfileData.from_file(path).planes)
+    devices = [p for p in planes if p.name.startswith("/device:")]
+    per_op, lines_seen = collections.Counter(), []
+    for plane in devices or planes:
+        lines = list(plane.lines)
+        lines_seen += [f"{plane.name} / {line.name}" for line in lines]
+        if devices:                             # kernels per stream (GPU), else the op line (TPU)
+            streams = [line for line in lines if line.name.startswith("Stream")]
+            lines = streams or [line for line in lines if line.name == "XLA Ops"]
+        for line in lines:
+            for event in line.events:
+                op = next((v for k, v in event.stats if k == "hlo_op"), None) or (event.name if devices else None)
+                if op is not None:
+                    per_op[op] += event.duration_ns / 1e6 / steps
+    category = lambda op: op_category(hlo.get(op, op))
+    by_category = collections.Counter()
+    for op, ms in per_op.items():
+        by_category[category(op)] += ms
+    report = {k: round(v, 3) for k, v in by_category.most_common()}
+    report["total"] = round(sum(per_op.values()), 3)
+    with open(os.path.join(trace_dir, "ops.txt"), "w") as f:
+        f.write(f"device time per step (ms) over {steps} traced steps, from {path}\n\n")
+        f.writelines(f"{v:10.3f}  {k}\n" for k, v in report.items())
+        f.write("\nthe 60 costliest ops:\n")
+        f.writelines(f"{ms:10.3f}  {category(op)}  {op}  {hlo.get(op, '')[:400]}\n"
+                     for op, ms in per_op.most_common(60))
+        f.write("\ntrace lines:\n" + "\n".join(lines_seen) + "\n")
+    return report
+
+
+def benchmark(preset, batch=8, steps=24, text_length=32, repeats=5, dtype="float32", profile=None):
     """Time sampling with random weights (no checkpoint needed); returns a dict for JSON.
 
     Reports the time of one guided forward (conditional + unconditional as one doubled
@@ -297,6 +371,8 @@ def benchmark(preset, batch=8, steps=24, text_length=32, repeats=5, dtype="float
     the analytic FLOPs of the work (muse.transformer_flops: each decoding step is one
     forward over the doubled batch) against the device's peak (peak_flops). dtype: the
     transformer's compute dtype ("float32" or "bfloat16"; the weights stay float32).
+    profile: a folder to trace one more decode into; adds the device time per decoding
+    step of each kind of op (profile_report).
     """
     cfg = replace(muse.PRESETS[preset], dtype=dtype)
     model = muse.MaskedTransformer(cfg)
@@ -324,6 +400,16 @@ def benchmark(preset, batch=8, steps=24, text_length=32, repeats=5, dtype="float
     flop_step = muse.transformer_flops(cfg, 2 * batch, text_length)     # guidance doubles the batch
     achieved = steps * flop_step / t_batch                               # FLOP/s over the whole decode
     peak, peak_source = peak_flops()
+    report = {}
+    if profile:
+        os.makedirs(profile, exist_ok=True)
+        try:                                    # (a profiler that fails costs the profile, not the timing)
+            with jax.profiler.trace(profile):
+                jax.block_until_ready(muse.decode_jit(model, params, ctx, mask, ctx, mask, rngs, steps=steps)[0])
+            hlo = muse.decode_jit.lower(model, params, ctx, mask, ctx, mask, rngs, steps=steps).compile().as_text()
+            report = {"profile": profile_report(profile, hlo, steps)}
+        except Exception as e:
+            report = {"profile_error": f"{type(e).__name__}: {e}"[:300]}
     return {"preset": preset, "dtype": dtype, "batch": batch, "steps": steps, "images_per_sec": batch / t_batch,
             "sec_per_batch": t_batch, "ms_per_step": 1e3 * t_batch / steps, "ms_per_forward": 1e3 * t_fwd,
             "loop_overhead": t_batch / (steps * t_fwd) - 1, "compile_s": compile_s,
@@ -331,7 +417,7 @@ def benchmark(preset, batch=8, steps=24, text_length=32, repeats=5, dtype="float
             "gflop_per_step": flop_step / 1e9, "gflop_per_batch": steps * flop_step / 1e9,
             "achieved_tflops": achieved / 1e12, "peak_tflops": peak / 1e12, "mfu": achieved / peak,
             "peak_source": peak_source, "backend": jax.default_backend(),
-            "device_kind": jax.devices()[0].device_kind, "devices": jax.device_count()}
+            "device_kind": jax.devices()[0].device_kind, "devices": jax.device_count(), **report}
 
 
 # -----------------------------------------------------------------------------
@@ -645,11 +731,16 @@ def parse_args(argv=None):
                    help="time sampling of a preset with random weights and print one JSON line")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="--benchmark: the transformer's compute dtype (weights stay float32)")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="--benchmark: also trace one decode into DIR and add the device time per decoding step "
+                        "of each kind of op (matmul, elementwise, ...) to the JSON; DIR/ops.txt lists the costliest")
     args = p.parse_args(argv)
     if args.guidance is None:
         args.guidance = 4.0 if args.edit else 3.0
     if args.num is None:
         args.num = 200 if args.evaluate else 1
+    if args.profile and args.benchmark is None:
+        p.error("--profile goes with --benchmark (it traces the benchmark's decode)")
     if args.benchmark is not None:
         return args
     if args.evaluate and (args.prompt or args.prompts_file):
@@ -756,7 +847,7 @@ def in_batches(args, items, fn):
 def main(argv=None):
     args = parse_args(argv)
     if args.benchmark:
-        print(json.dumps(benchmark(args.benchmark, dtype=args.dtype)))
+        print(json.dumps(benchmark(args.benchmark, dtype=args.dtype, profile=args.profile)))
         return
     if args.prompts_file:
         try:

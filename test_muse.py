@@ -939,9 +939,21 @@ def test_train_benchmark_profile_says_where_the_time_goes(tmp_path, capsys):
     # categories read the HLO op, not the metadata that names every transform of the step
     line = ('%fusion.3 = f32[8,64]{1,0} fusion(%a, %b), kind=kLoop, calls=%c, '
             'metadata={op_name="jit(train_step)/transpose(jvp(MaskedTransformer))/block_0/mul"}')
-    assert train.op_category(line).startswith("elementwise")
-    assert train.op_category('%custom-call.1 = bf16[8,8] custom-call(%a), custom_call_target="__cublas$gemm"') == "matmul"
-    assert train.op_category("command_buffer_1").startswith("CUDA graph")
+    assert sample.op_category(line).startswith("elementwise")
+    assert sample.op_category('%custom-call.1 = bf16[8,8] custom-call(%a), custom_call_target="__cublas$gemm"') == "matmul"
+    assert sample.op_category("command_buffer_1").startswith("CUDA graph")
+
+
+def test_sample_benchmark_profile_says_where_the_time_goes(tmp_path, capsys):
+    """sample.py --benchmark --profile: one traced decode, per decoding step, by kind of op."""
+    sample.main(["--benchmark", "small", "--profile", str(tmp_path)])
+    out = json.loads(capsys.readouterr().out)
+    profile = out["profile"]
+    kinds = {k: v for k, v in profile.items() if k != "total"}
+    assert sum(kinds.values()) == pytest.approx(profile["total"], abs=0.01)
+    assert kinds.get("matmul", 0) > 0.3 * profile["total"], profile          # a forward is mostly matmuls
+    assert 0.3 * out["ms_per_step"] < profile["total"] < 3 * out["ms_per_step"], (profile, out)
+    assert "over 24 traced steps" in (tmp_path / "ops.txt").read_text()
 
 
 @pytest.mark.parametrize("argv,code,message", [
@@ -949,6 +961,7 @@ def test_train_benchmark_profile_says_where_the_time_goes(tmp_path, capsys):
     (["   "], 2, "the prompt is empty"),
     (["a red circle", "--bogus"], 2, "unrecognized arguments: --bogus"),
     (["--prompts-file", "x.txt"], 2, "--prompts-file needs --outdir"),
+    (["a red circle", "--profile", "p"], 2, "--profile goes with --benchmark"),
 ])
 def test_sample_cli_errors(argv, code, message, capsys):
     with pytest.raises(SystemExit) as e:

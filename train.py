@@ -33,13 +33,10 @@ processes on one machine, joined over localhost (`--coordinator localhost:PORT
 checks that they train exactly as one process does and that the run resumes on one host.
 """
 import argparse
-import collections
 import functools
-import glob
 import io
 import json
 import os
-import re
 import time
 import multiprocessing
 import shutil
@@ -61,7 +58,7 @@ import muse
 import shapes
 import vqgan
 from sample import (read_checkpoint, load_text_encoder, generate_ids, ids_to_images, save_grid, fail,
-                    Parser, peak_flops)   # (sample.py also sets a PRNG flag)
+                    Parser, peak_flops, profile_report)   # (sample.py also sets a PRNG flag)
 
 CHECKPOINT = "checkpoint.msgpack"
 SAMPLE_PROMPTS = ["a red circle", "a large blue square", "a green triangle on the left",
@@ -877,78 +874,6 @@ def benchmark(args):
 
 
 PROFILE_STEPS = 3
-
-
-def op_category(text):
-    """What kind of work an op does, from its line in the compiled HLO (or its kernel's name).
-
-    Reads the op's own name, opcode and attributes, and the jax primitive it came from (the
-    last word of its metadata's op_name): not its operands, nor the rest of the op_name path,
-    which says "transpose(jvp(...))" for every op of the backward pass."""
-    m = re.match(r"%?(\S+) = .*? ([\w-]+)\([^)]*\)(.*)", text)
-    name, opcode, attrs = m.groups() if m else (text, "", "")
-    primitive = re.search(r'op_name="[^"]*?([\w-]+)"', attrs)
-    primitive = primitive.group(1) if primitive else ""
-    own = f"{name} {opcode} {re.sub(r'metadata=[{][^}]*[}]', '', attrs)} {primitive}"
-    if "command_buffer" in own:                # XLA ran a stretch of kernels as one CUDA graph
-        return "CUDA graph (its kernels show with XLA_FLAGS=--xla_gpu_enable_command_buffer=)"
-    if any(k in own for k in ("fmha", "sdpa", "flash")):
-        return "attention (cuDNN fused)"
-    if any(k in own for k in ("gemm", "matmul", "dot_general", "nvjet", "cutlass")) or opcode in ("dot", "convolution"):
-        return "matmul"
-    if name.startswith(("copy", "transpose")) or opcode in ("copy", "transpose") or primitive == "transpose":
-        return "copies / transposes"
-    if "kind=kInput" in own or "reduce" in own:
-        return "reductions (softmax, norms, loss, grad norm)"
-    if "kind=kLoop" in own or "fusion" in name:
-        return "elementwise (loop fusions)"
-    return "other"
-
-
-def profile_report(trace_dir, hlo_text, steps):
-    """Device time per step of each op of the compiled step, from a jax.profiler trace.
-
-    Reads the trace back with jax.profiler.ProfileData (no TensorBoard needed). On a GPU the
-    device's stream lines hold one event per kernel (named by its XLA op, stat `hlo_op`, or
-    else by the kernel); on a TPU the "XLA Ops" line; on a CPU the host's XLA thunks. Each
-    op's time is summed and put in a category from its line in the compiled HLO (`hlo_text`).
-    Writes trace_dir/ops.txt (the categories, then the 60 costliest ops with their HLO) and
-    returns {category: ms per step}, plus "total" (the device's busy time per step).
-    """
-    path = max(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
-    hlo = {}                                    # op name -> its instruction line
-    for line in hlo_text.splitlines():
-        line = line.strip().removeprefix("ROOT ")
-        if " = " in line:
-            hlo.setdefault(line.split(" = ")[0].lstrip("%"), line)
-    planes = list(jax.profiler.ProfileData.from_file(path).planes)
-    devices = [p for p in planes if p.name.startswith("/device:")]
-    per_op, lines_seen = collections.Counter(), []
-    for plane in devices or planes:
-        lines = list(plane.lines)
-        lines_seen += [f"{plane.name} / {line.name}" for line in lines]
-        if devices:                             # kernels per stream (GPU), else the op line (TPU)
-            streams = [line for line in lines if line.name.startswith("Stream")]
-            lines = streams or [line for line in lines if line.name == "XLA Ops"]
-        for line in lines:
-            for event in line.events:
-                op = next((v for k, v in event.stats if k == "hlo_op"), None) or (event.name if devices else None)
-                if op is not None:
-                    per_op[op] += event.duration_ns / 1e6 / steps
-    category = lambda op: op_category(hlo.get(op, op))
-    by_category = collections.Counter()
-    for op, ms in per_op.items():
-        by_category[category(op)] += ms
-    report = {k: round(v, 3) for k, v in by_category.most_common()}
-    report["total"] = round(sum(per_op.values()), 3)
-    with open(os.path.join(trace_dir, "ops.txt"), "w") as f:
-        f.write(f"device time per step (ms) over {steps} traced steps, from {path}\n\n")
-        f.writelines(f"{v:10.3f}  {k}\n" for k, v in report.items())
-        f.write("\nthe 60 costliest ops:\n")
-        f.writelines(f"{ms:10.3f}  {category(op)}  {op}  {hlo.get(op, '')[:400]}\n"
-                     for op, ms in per_op.most_common(60))
-        f.write("\ntrace lines:\n" + "\n".join(lines_seen) + "\n")
-    return report
 
 
 def truncate_metrics(workdir, step):
