@@ -234,9 +234,10 @@ def load_t5(name_or_path: str, max_length: int = 64, dtype: str = "float32"):
     in bfloat16 and multiplies in it (T5Config.compute_dtype).
 
     Only the encoder's tensors are read (a full T5 checkpoint also holds the decoder, more
-    than half of T5-XXL's 11B parameters), and they are cast on the host, one at a time,
-    before anything reaches the device, so a bfloat16 T5-XXL encoder never needs its float32
-    copy (19 GB) in device memory.
+    than half of T5-XXL's 11B parameters), each is brought to the host and cast there, and
+    the encoder reaches the device once, in its final dtype: a bfloat16 T5-XXL encoder never
+    holds its float32 copy (19 GB) in device memory. Checkpoints stored in float32, float16
+    or bfloat16 all load.
     """
     from safetensors import safe_open
     from transformers import AutoTokenizer
@@ -257,8 +258,10 @@ def load_t5(name_or_path: str, max_length: int = 64, dtype: str = "float32"):
         shards = ["model.safetensors"]
     state = {}
     for shard in shards:
-        with safe_open(os.path.join(path, shard), framework="numpy") as f:
-            state.update({k: f.get_tensor(k) for k in f.keys()
+        # framework "flax", not "numpy": numpy's safetensors reader cannot hold bfloat16
+        # checkpoints (many hub T5s are stored so); each tensor comes straight back to the host
+        with safe_open(os.path.join(path, shard), framework="flax") as f:
+            state.update({k: np.asarray(f.get_tensor(k)) for k in f.keys()
                           if k.startswith("encoder.") or k == "shared.weight"})
     if "shared.weight" not in state:            # some exports keep only the encoder's tied copy
         state["shared.weight"] = state["encoder.embed_tokens.weight"]

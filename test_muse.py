@@ -339,6 +339,15 @@ def test_t5_from_full_checkpoint_without_ff_proj(tmp_path):
         ref = hf.encoder(input_ids=torch.tensor(ids, dtype=torch.long),
                          attention_mask=torch.tensor(mask, dtype=torch.long)).last_hidden_state.numpy()
     np.testing.assert_allclose(np.asarray(enc(["a red circle", ""])[0]), ref, atol=2e-5, rtol=1e-4)
+    # a checkpoint stored in bfloat16 (as many on the hub are) loads too, to its own values
+    hf.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    ByT5Tokenizer().save_pretrained(tmp_path / "bf16")
+    enc16 = muse.load_t5(str(tmp_path / "bf16"), max_length=16)
+    with torch.no_grad():
+        ref16 = hf.float().encoder(input_ids=torch.tensor(ids, dtype=torch.long),
+                                   attention_mask=torch.tensor(mask, dtype=torch.long)).last_hidden_state.numpy()
+    assert np.abs(ref16 - ref).max() > 1e-4                  # the rounding is real...
+    np.testing.assert_allclose(np.asarray(enc16(["a red circle", ""])[0]), ref16, atol=2e-5, rtol=1e-4)  # ...and read back
 
 
 def test_relative_position_buckets_match_transformers():
