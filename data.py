@@ -6,8 +6,10 @@
 Two layouts, the ones real text-image data sets come in:
   - WebDataset tar shards, as img2dataset writes CC3M, CC12M and LAION: each sample is a
     group of tar members sharing a key, `KEY.jpg` (or .jpeg / .png / .webp) and `KEY.txt`
-    (the caption), optionally `KEY.json`. `--data` takes brace ranges (`{00000..00123}`,
-    `{a,b}`) and globs. Read with Python's `tarfile`: no extra dependency.
+    (the caption; without one, the "caption" or "text" field of `KEY.json`). `--data` takes
+    brace ranges (`{00000..00123}`, `{a,b}`) and globs; a glob keeps only `.tar` files
+    (img2dataset writes .parquet and _stats.json files beside its shards). Read with
+    Python's `tarfile`: no extra dependency.
   - An image folder with `metadata.jsonl`: one `{"file_name": ..., "text": ...}` per line,
     file names relative to the folder (the Hugging Face `imagefolder` convention).
 And one that train.py writes itself:
@@ -19,6 +21,8 @@ How the records flow, and why:
   - Sharding: process p of P reads only shards p, p + P, p + 2P, ... (an image folder is
     cut into P interleaved virtual shards), so no two hosts of a pod read the same file.
     Within a host, the host batch is split over its devices by train.py, as for shapes.
+    Shards that do not divide evenly among the hosts leave some hosts one shard more than
+    others, and so read those hosts' shards less often: a warning says so.
   - Order: each epoch visits this process's shards in a seeded random order and passes
     their records through a shuffle buffer (seeded by seed, process and epoch), drained at
     the epoch's end: every record comes out exactly once per epoch.
@@ -32,10 +36,12 @@ How the records flow, and why:
     row of the same batch, and is counted. So the position after step s is exactly s * b
     records on every host: resuming needs no saved reader state, only the step.
   - Skipped and counted, never fatal: undecodable images (`corrupt`), samples without an
-    image or a caption (`incomplete`), tar files cut short (`truncated`: the members before
-    the cut are still used), unreadable files (`unreadable`). train.py writes these counts
-    to metrics.jsonl as data_corrupt, data_incomplete, ... A batch with no good row at all
-    is an error (the data is broken, not one sample).
+    image or a caption (`incomplete`), tar files cut short or with a corrupt header part-way
+    (`truncated`: the members before it are still used), unreadable files (`unreadable`).
+    train.py writes these counts to metrics.jsonl as data_corrupt, data_incomplete, ... A
+    batch with no good row at all repeats the previous batch (its rows counted as
+    corrupt): on a pod, one host stopping alone would leave the others waiting in the
+    gradient all-reduce. Only a first batch with no good row is an error.
 """
 import glob
 import hashlib
@@ -43,6 +49,7 @@ import io
 import json
 import os
 import re
+import sys
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 
@@ -74,10 +81,11 @@ def expand_braces(pattern: str) -> list[str]:
 
 
 def find_shards(spec: str) -> list[str]:
-    """The sorted tar files named by a --data pattern (braces, then globs)."""
+    """The sorted tar files named by a --data pattern (braces, then globs). A glob keeps the
+    .tar files only: img2dataset writes NNNNN.parquet and NNNNN_stats.json beside them."""
     files = []
     for p in expand_braces(spec):
-        files += sorted(glob.glob(p)) if any(c in p for c in "*?[") else [p]
+        files += sorted(f for f in glob.glob(p) if f.endswith(".tar")) if any(c in p for c in "*?[") else [p]
     return files
 
 
@@ -143,12 +151,17 @@ def index_tar(path, counts):
                         order.append(key)
                     if ext.lower() == "txt":
                         groups[key]["txt"] = tar.extractfile(m).read().decode("utf-8", "replace").strip()
+                    elif ext.lower() == "json":      # img2dataset's metadata; may hold the caption
+                        groups[key]["json"] = json_caption(tar.extractfile(m).read())
                     else:
                         groups[key][ext.lower()] = (path, m.offset_data, m.size)
                 else:
-                    # tarfile ends the iteration silently at a header cut short; an intact tar
-                    # ends with two zero blocks of 512 bytes after its last member
-                    if size < tar.offset + 2 * tarfile.BLOCKSIZE:
+                    # tarfile ends the iteration silently at a header cut short, or at a corrupt
+                    # header part-way through; an intact tar ends with two zero blocks of 512
+                    # bytes after its last member
+                    tar.fileobj.seek(tar.offset)
+                    end = tar.fileobj.read(2 * tarfile.BLOCKSIZE)
+                    if len(end) < 2 * tarfile.BLOCKSIZE or end.strip(b"\0"):
                         counts["truncated"] += 1
             except (tarfile.ReadError, EOFError):
                 counts["truncated"] += 1
@@ -159,11 +172,22 @@ def index_tar(path, counts):
     for key in order:
         g = groups[key]
         image = next((g[e] for e in IMAGE_EXTS if e in g), None)
-        if image is None or not g.get("txt"):
+        caption = g.get("txt") or g.get("json")
+        if image is None or not caption:
             counts["incomplete"] += 1
             continue
-        records.append((key, image, g["txt"]))
+        records.append((key, image, caption))
     return records
+
+
+def json_caption(raw):
+    """The caption in a sample's KEY.json ("caption" or "text"), or None."""
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        return None
+    caption = meta.get("caption") or meta.get("text") if isinstance(meta, dict) else None
+    return caption.strip() if isinstance(caption, str) else None
 
 
 def index_folder(folder, counts):
@@ -280,7 +304,12 @@ class Reader:
                 raise ValueError(f"--data {spec}: {len(files)} shards for {num_processes} processes; "
                                  "each process needs at least one shard of its own")
             self.shards = [("tar", f) for f in files[process::num_processes]]
+            if len(files) % num_processes and process == 0:
+                print(f"warning: --data {spec}: {len(files)} shards over {num_processes} processes, so some "
+                      f"hold one shard more and read each of theirs less often (use a multiple of "
+                      f"{num_processes} shards for uniform sampling)", file=sys.stderr)
         self._index_cache = {}
+        self._previous = None                    # the last batch with good rows: next_batch's fallback
         self.epoch, self._stream = 0, self._records()
         for _ in range(start_record):    # replay the index only: nothing is read or decoded
             next(self._stream)
@@ -337,8 +366,13 @@ class Reader:
         decoded = list(self.pool.map(lambda r: decode(r[1], self.resolutions), records))
         good = [i for i, d in enumerate(decoded) if d is not None]
         if not good:
-            raise ValueError(f"none of the {b} images of a batch could be decoded "
-                             f"(e.g. {records[0][1][0]}, {records[0][0]}): is the data corrupt?")
+            if self._previous is None:
+                raise ValueError(f"none of the {b} images of the first batch could be decoded "
+                                 f"(e.g. {records[0][1][0]}, {records[0][0]}): is the data corrupt?")
+            self.counts["corrupt"] += b          # a whole batch unreadable: train on the last good one
+            if not fill:
+                return [np.zeros((0, r, r, 3), np.uint8) for r in self.resolutions], []
+            return self._previous
         rows = []
         for i, d in enumerate(decoded):
             if d is None:
@@ -348,4 +382,5 @@ class Reader:
                 i = good[i % len(good)]          # a corrupt row takes a good row's place
             rows.append(i)
         images = [np.stack([decoded[i][k] for i in rows]) for k in range(len(self.resolutions))]
-        return images, [records[i][2] for i in rows]
+        self._previous = images, [records[i][2] for i in rows]
+        return self._previous

@@ -34,6 +34,7 @@ checks that they train exactly as one process does and that the run resumes on o
 """
 import argparse
 import functools
+import glob
 import io
 import json
 import os
@@ -506,6 +507,11 @@ def tokenize(args):
         return np.asarray(ids).reshape(b, -1)[:len(x)].astype(np.int32)
 
     os.makedirs(args.out, exist_ok=True)
+    if glob.glob(os.path.join(args.out, "tokens-*.npz")) or os.path.exists(os.path.join(args.out, data.MANIFEST)):
+        # a token folder is read as every tokens-*.npz in it: old files would be trained on too
+        fail(f"tokenize: {args.out} already holds token files; choose an empty --out")
+    if jax.process_count() > 1:                 # every host has looked before any host writes
+        multihost_utils.sync_global_devices("tokenize: --out checked")
     out, files, count = [], 0, 0
 
     def flush():
@@ -520,6 +526,8 @@ def tokenize(args):
     for step in tqdm(range(steps), disable=p != 0, desc="tokenize"):
         if data.is_real_data(args.data):
             images, captions = reader.next_batch(min(b, total - step * b), fill=False)
+            if not captions:                    # a batch of corrupt images only
+                continue
             images = [vqgan.from_uint8(x) for x in images]
         else:                                   # training's rows of step `step`, only scenes < N
             n = min(b, args.num_examples - step * args.batch_size - p * b)
