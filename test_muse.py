@@ -629,7 +629,9 @@ def test_checkpoint_round_trip_and_exact_resume(tmp_path, tiny_vqgan):
     with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": 6, "loss": 9.0}) + "\n" + '{"step": 7, "lo')
     # the saved params are the ones the run ended with... and the resumed run ends where the straight one did
-    resumed = _train(tmp_path / "b", "base", "--vqgan", str(tiny_vqgan), "--steps", "10", "--resume")
+    # the trajectory's flags come from the checkpoint, whatever the resuming command says
+    resumed = _train(tmp_path / "b", "base", "--vqgan", str(tiny_vqgan), "--steps", "10", "--resume",
+                     "--lr", "0.5", "--seed", "9", "--warmup", "7")
     a, b = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
     assert [r["step"] for r in b] == list(range(1, 11))
     np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-6)
