@@ -1214,6 +1214,41 @@ def test_a_prompt_gets_the_same_tokens_whatever_the_batch(tiny_base):
     repeated = gen(prompts[:1] * 4, 0)
     assert (repeated[0] == together[0]).all()
     assert len({row.tobytes() for row in repeated}) > 1
+    # and the seed matters
+    other_seed = np.asarray(sample.generate_ids(base.model, base.params, base.text_encoder, prompts, seed=4, steps=4))
+    assert (other_seed != together).any()
+
+
+def test_weight_decay_reaches_matrices_only_and_gradients_are_clipped():
+    args = train.parse_args(["base", "--workdir", "w", "--weight_decay", "0.1", "--grad_clip", "1.0"])
+    tx = train.make_optimizer(args)
+    params = {"dense": {"kernel": jnp.full((3, 4), 2.0), "bias": jnp.full((4,), 2.0)}, "norm": {"scale": jnp.ones(5)}}
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    # no gradient: only the decay moves anything, and only the matrix (0.1 * 2.0)
+    np.testing.assert_allclose(updates["dense"]["kernel"], 0.2)
+    assert not updates["dense"]["bias"].any() and not updates["norm"]["scale"].any()
+    # clipping comes before Adam: after a gradient spike (+1e6), the next, ordinary gradient
+    # (-1) wins Adam's momentum back only if the spike was clipped (to norm 1); unclipped,
+    # the spike still dominates the second step's direction
+    def second_step(grad_clip):
+        tx = train.make_optimizer(train.parse_args(["base", "--workdir", "w", "--weight_decay", "0",
+                                                    "--grad_clip", str(grad_clip)]))
+        state = tx.init(params)
+        _, state = tx.update(jax.tree.map(lambda p: jnp.full_like(p, 1e6), params), state, params)
+        step, _ = tx.update(jax.tree.map(lambda p: -jnp.ones_like(p), params), state, params)
+        return float(step["dense"]["kernel"].mean())
+    assert second_step(1.0) < 0 < second_step(1e30)
+
+
+def test_center_crop_keeps_the_centre():
+    # a 60 x 20 (wide) image: red outside the middle 20 x 20 square, blue inside
+    wide = np.zeros((20, 60, 3), np.uint8)
+    wide[:] = (255, 0, 0)
+    wide[:, 20:40] = (0, 0, 255)
+    out = data.center_crop(Image.fromarray(wide), 10)
+    assert out.shape == (10, 10, 3)
+    assert (out[..., 2] > 200).all() and (out[..., 0] < 50).all()     # all blue: only the centre was kept
 
 
 def test_mask_free_editing_changes_at_most_the_resampled_tokens():
