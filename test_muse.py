@@ -350,6 +350,28 @@ def test_t5_from_full_checkpoint_without_ff_proj(tmp_path):
     np.testing.assert_allclose(np.asarray(enc16(["a red circle", ""])[0]), ref16, atol=2e-5, rtol=1e-4)  # ...and read back
 
 
+def test_a_pretrained_t5_trains_exports_and_samples(tmp_path, tiny_vqgan):
+    """`--text_encoder FOLDER`: the run keeps the T5's weights and tokenizer, export carries
+    them, and sampling from the export encodes prompts exactly as load_t5 does."""
+    torch = _torch()
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+    torch.manual_seed(0)
+    T5EncoderModel(T5Config(vocab_size=384, d_model=32, d_ff=64, num_layers=2, d_kv=8, num_heads=4,
+                            feed_forward_proj="gated-gelu")).save_pretrained(tmp_path / "t5")
+    ByT5Tokenizer().save_pretrained(tmp_path / "t5")
+    _train(tmp_path / "run", "base", "--vqgan", str(tiny_vqgan), "--text_encoder", str(tmp_path / "t5"),
+           "--text_length", "16", "--steps", "2")
+    train.main(["export", "--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "exported")])
+    stage = sample.load_stage(str(tmp_path / "exported"), "base")
+    emb, mask = stage.text_encoder(["a red circle", ""])
+    ref, ref_mask = muse.load_t5(str(tmp_path / "t5"), max_length=16)(["a red circle", ""])
+    np.testing.assert_array_equal(mask, ref_mask)
+    np.testing.assert_allclose(np.asarray(emb), np.asarray(ref), atol=1e-2)    # (stored in float16 by export)
+    sample.main(["a red circle", "--checkpoint", str(tmp_path / "exported"), "--steps", "2",
+                 "--out", str(tmp_path / "o.png")])
+    assert Image.open(tmp_path / "o.png").size == (stage.vq.cfg.resolution,) * 2
+
+
 def test_relative_position_buckets_match_transformers():
     torch = _torch()
     from transformers.models.t5.modeling_t5 import T5Attention
