@@ -628,6 +628,21 @@ def test_vqgan_stage_writes_metrics_checkpoint_and_samples(tiny_vqgan):
     assert not os.path.exists(os.path.join(tiny_vqgan, "checkpoint.msgpack.tmp"))
 
 
+def test_adversarial_vqgan_training_switches_on_at_disc_start(tmp_path):
+    """--adv_weight > 0: the discriminator's hinge loss is 0 before --disc_start and
+    positive from it on, and the discriminator's weights then move."""
+    _train(tmp_path / "adv", "vqgan", "--adv_weight", "0.1", "--disc_start", "2", "--steps", "4",
+           "--weight_decay", "0")
+    d_loss = [r["d_loss"] for r in _metrics(tmp_path / "adv")]
+    assert d_loss[:2] == [0.0, 0.0] and all(d > 0 for d in d_loss[2:]), d_loss
+    _train(tmp_path / "late", "vqgan", "--adv_weight", "0.1", "--disc_start", "100", "--steps", "4",
+           "--weight_decay", "0")
+    assert all(r["d_loss"] == 0.0 for r in _metrics(tmp_path / "late"))
+    # same seed, same init: only the run whose discriminator trained has moved it
+    adv, late = (sample.read_checkpoint(str(tmp_path / d))["params"]["disc"] for d in ("adv", "late"))
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(adv), jax.tree.leaves(late)))
+
+
 def test_pmap_on_4_devices_equals_1_device(tmp_path, tiny_vqgan):
     assert jax.local_device_count() == 4, "test_muse.py sets XLA_FLAGS for 4 fake CPU devices"
     one = _train(tmp_path / "one", "base", "--vqgan", str(tiny_vqgan), "--steps", "4", "--num_devices", "1")
