@@ -64,8 +64,9 @@ SKIP_KINDS = ("corrupt", "incomplete", "truncated", "unreadable")
 def expand_braces(pattern: str) -> list[str]:
     """'a/{000..002}.tar' -> ['a/000.tar', 'a/001.tar', 'a/002.tar']; '{x,y}' -> both.
 
-    Numeric ranges keep the zero padding of their first bound (as the shell and
-    WebDataset do). Several braces expand left to right.
+    Numeric ranges are padded to the wider bound when either starts with a zero, and may
+    run downwards, as in bash ('{1..010}' -> 001 ... 010; '{3..1}' -> 3, 2, 1). Several
+    braces expand left to right; nested ones from the inside out.
     """
     m = re.search(r"\{([^{}]*)\}", pattern)
     if not m:
@@ -73,8 +74,10 @@ def expand_braces(pattern: str) -> list[str]:
     head, tail, body = pattern[:m.start()], pattern[m.end():], m.group(1)
     r = re.fullmatch(r"(\d+)\.\.(\d+)", body)
     if r:
-        lo, hi = int(r.group(1)), int(r.group(2))
-        options = [f"{i:0{len(r.group(1))}d}" for i in range(lo, hi + 1)]
+        a, b = r.groups()
+        width = max(len(a), len(b)) if a.startswith("0") or b.startswith("0") else 0
+        step = 1 if int(b) >= int(a) else -1
+        options = [f"{i:0{width}d}" for i in range(int(a), int(b) + step, step)]
     else:
         options = body.split(",")
     return [s for o in options for s in expand_braces(head + o + tail)]
@@ -86,7 +89,7 @@ def find_shards(spec: str) -> list[str]:
     files = []
     for p in expand_braces(spec):
         files += sorted(f for f in glob.glob(p) if f.endswith(".tar")) if any(c in p for c in "*?[") else [p]
-    return files
+    return list(dict.fromkeys(files))           # a file named twice ('{a,{a,b}}', overlapping globs) is read once
 
 
 def is_real_data(spec: str) -> bool:

@@ -1509,6 +1509,9 @@ def test_brace_patterns_expand_like_webdataset():
     assert data.expand_braces("a/{008..011}.tar") == ["a/008.tar", "a/009.tar", "a/010.tar", "a/011.tar"]
     assert data.expand_braces("{x,y}-{0..1}") == ["x-0", "x-1", "y-0", "y-1"]
     assert data.expand_braces("plain.tar") == ["plain.tar"]
+    # as bash: the wider bound's padding when either bound is zero-padded, and downward ranges
+    assert data.expand_braces("{1..010}")[:2] == ["001", "002"] and data.expand_braces("{3..1}") == ["3", "2", "1"]
+    assert data.find_shards("x/{a,{a,b}}.tar") == ["x/a.tar", "x/b.tar"]      # named twice, read once
 
 
 @pytest.mark.parametrize("processes", [1, 4])
