@@ -18,6 +18,7 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 
 import json
 import re
+import shutil
 import socket
 import tempfile
 import subprocess
@@ -1611,7 +1612,7 @@ def test_reader_edge_cases_of_real_shards(tmp_path, monkeypatch, capsys):
         data.Reader(spec, seed=0, process=0, num_processes=1, resolutions=(16,), threads=1).next_batch(3)
 
 
-def test_image_folder_and_training_on_real_data(tmp_path):
+def test_image_folder_and_training_on_real_data(tmp_path, capsys):
     folder = tmp_path / "folder"
     folder.mkdir()
     rows = []
@@ -1632,9 +1633,16 @@ def test_image_folder_and_training_on_real_data(tmp_path):
     assert last["step"] == 3 and last["data_corrupt"] >= 1 and last["data_incomplete"] == 1
     # resume continues the stream where it stopped: 2 steps + 1 resumed = 3 steps in one go
     _train(tmp_path / "vq_resumed", "vqgan", "--data", str(folder), "--steps", "2")
+    capsys.readouterr()
     _train(tmp_path / "vq_resumed", "vqgan", "--data", str(folder), "--steps", "3", "--resume")
     resumed = _metrics(tmp_path / "vq_resumed")[-1]
     assert resumed["step"] == 3 and abs(resumed["loss"] - last["loss"]) < 1e-4 * abs(last["loss"]), (resumed, last)
+    assert "warning" not in capsys.readouterr().err
+    # resumed on other data (here the same images in another folder): said, not silent
+    shutil.copytree(folder, tmp_path / "moved")
+    _train(tmp_path / "vq_resumed", "vqgan", "--data", str(tmp_path / "moved"), "--steps", "4", "--resume")
+    err = capsys.readouterr().err
+    assert "warning: --resume" in err and "moved" in err, err
     _train(tmp_path / "base", "base", "--data", str(folder), "--vqgan", str(tmp_path / "vq"), "--steps", "2",
            "--sample_every", "2")
     assert os.path.exists(tmp_path / "base" / "samples" / "000002.png")

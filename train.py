@@ -569,6 +569,7 @@ def train(args):
     is_main = jax.process_index() == 0
     os.makedirs(args.workdir, exist_ok=True)
     ckpt_path = os.path.join(args.workdir, CHECKPOINT)
+    stream = {"data": args.data, "processes": jax.process_count()}   # what a resume compares against
 
     if args.resume:
         if not os.path.exists(ckpt_path):
@@ -580,10 +581,19 @@ def train(args):
         for k in RESUMED_ARGS:                  # the trajectory's flags come from the checkpoint
             setattr(args, k, config["train"].get(k, getattr(args, k)))   # (older runs lack newer flags)
         consts = ckpt.get("consts", {})
+        # Real data resumes at record step * rows of each host's own stream, which depends on the
+        # shard list and the number of hosts: with either changed, the run goes on
+        # deterministically but not with the samples the interrupted one would have seen next.
+        was = config.get("data_stream", stream)
+        if data.is_real_data(args.data) and was != stream and is_main:
+            print(f"warning: --resume: the run read --data {was['data']} on {was['processes']} process(es); "
+                  f"it goes on with --data {args.data} on {stream['processes']}, so not with the samples it "
+                  f"would have seen next", file=sys.stderr)
     else:
         if os.path.exists(ckpt_path):
             fail(f"{ckpt_path} exists: pass --resume to continue it, or choose another --workdir")
         config, consts = new_run(args)
+    config["data_stream"] = stream
     setup = setup_vqgan(args, config) if args.stage == "vqgan" else setup_transformer(args, config, consts)
     consts = setup["consts"]
     tx = make_optimizer(args)
