@@ -276,6 +276,21 @@ def _torch():
     return pytest.importorskip("torch")
 
 
+def _save_t5(model, folder):
+    """A transformers T5 checkpoint folder as load_t5 reads it: the weights and ByT5's tokenizer."""
+    from transformers import ByT5Tokenizer
+    model.save_pretrained(folder)
+    ByT5Tokenizer().save_pretrained(folder)
+
+
+def _hf_embed(encoder, ids, mask):
+    """The reference: a transformers (PyTorch) T5 encoder's last hidden state, numpy (B, L, Dt)."""
+    torch = _torch()
+    with torch.no_grad():
+        return encoder(input_ids=torch.tensor(ids, dtype=torch.long),
+                       attention_mask=torch.tensor(mask, dtype=torch.long)).last_hidden_state.numpy()
+
+
 # the T5 families' shapes in miniature: t5 (ReLU MLP), t5-v1_1 / flan-t5 (gated GELU), byt5
 # (gated GELU and heads * d_kv != d_model: byt5-small has 6 heads of 64 on a width of 1472)
 T5_VARIANTS = {"t5": dict(feed_forward_proj="relu", d_kv=8, num_heads=4),
@@ -288,21 +303,18 @@ def test_t5_matches_transformers(tmp_path, variant):
     """load_t5 on a tiny random transformers checkpoint gives T5EncoderModel's outputs,
     with padding (prompts of different lengths) and on the empty prompt."""
     torch = _torch()
-    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+    from transformers import T5Config, T5EncoderModel
     torch.manual_seed(0)
     ff = T5_VARIANTS[variant]["feed_forward_proj"]
     hf = T5EncoderModel(T5Config(vocab_size=384, d_model=32, d_ff=64, num_layers=3, relative_attention_num_buckets=8,
                                  relative_attention_max_distance=20, **T5_VARIANTS[variant])).eval()
-    hf.save_pretrained(tmp_path)
-    ByT5Tokenizer().save_pretrained(tmp_path)
+    _save_t5(hf, tmp_path)
     enc = muse.load_t5(str(tmp_path), max_length=48)
     assert enc.cfg.feed_forward_proj == ff and enc.cfg.num_layers == 3
     prompts = ["a yellow circle to the right of a purple triangle, far away", "hi", ""]
     ids, mask = enc.tokenize(prompts)
     assert mask.sum(1).tolist()[1:] == [3, 1]          # "hi" + </s>; "" is just </s>
-    with torch.no_grad():
-        ref = hf(input_ids=torch.tensor(ids, dtype=torch.long),
-                 attention_mask=torch.tensor(mask, dtype=torch.long)).last_hidden_state.numpy()
+    ref = _hf_embed(hf, ids, mask)
     emb, emb_mask = enc(prompts)
     assert emb.shape == (3, 48, 32) and emb.dtype == jnp.float32
     np.testing.assert_array_equal(emb_mask, mask)
@@ -321,13 +333,12 @@ def test_t5_from_full_checkpoint_without_ff_proj(tmp_path):
     `feed_forward_proj`: load_t5 takes the missing key as transformers does (ReLU), skips
     the decoder's tensors, and matches the model's own encoder."""
     torch = _torch()
-    from transformers import ByT5Tokenizer, T5Config, T5ForConditionalGeneration
+    from transformers import T5Config, T5ForConditionalGeneration
     torch.manual_seed(0)
     hf = T5ForConditionalGeneration(T5Config(vocab_size=384, d_model=32, d_ff=64, num_layers=2, d_kv=8,
                                              num_heads=4, relative_attention_num_buckets=8,
                                              feed_forward_proj="relu")).eval()
-    hf.save_pretrained(tmp_path)
-    ByT5Tokenizer().save_pretrained(tmp_path)
+    _save_t5(hf, tmp_path)
     with open(tmp_path / "config.json") as f:
         config = json.load(f)
     del config["feed_forward_proj"]
@@ -336,17 +347,12 @@ def test_t5_from_full_checkpoint_without_ff_proj(tmp_path):
     enc = muse.load_t5(str(tmp_path), max_length=16)
     assert enc.cfg.feed_forward_proj == "relu"
     ids, mask = enc.tokenize(["a red circle", ""])
-    with torch.no_grad():
-        ref = hf.encoder(input_ids=torch.tensor(ids, dtype=torch.long),
-                         attention_mask=torch.tensor(mask, dtype=torch.long)).last_hidden_state.numpy()
+    ref = _hf_embed(hf.encoder, ids, mask)
     np.testing.assert_allclose(np.asarray(enc(["a red circle", ""])[0]), ref, atol=2e-5, rtol=1e-4)
     # a checkpoint stored in bfloat16 (as many on the hub are) loads too, to its own values
-    hf.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
-    ByT5Tokenizer().save_pretrained(tmp_path / "bf16")
+    _save_t5(hf.to(torch.bfloat16), tmp_path / "bf16")
     enc16 = muse.load_t5(str(tmp_path / "bf16"), max_length=16)
-    with torch.no_grad():
-        ref16 = hf.float().encoder(input_ids=torch.tensor(ids, dtype=torch.long),
-                                   attention_mask=torch.tensor(mask, dtype=torch.long)).last_hidden_state.numpy()
+    ref16 = _hf_embed(hf.float().encoder, ids, mask)
     assert np.abs(ref16 - ref).max() > 1e-4                  # the rounding is real...
     np.testing.assert_allclose(np.asarray(enc16(["a red circle", ""])[0]), ref16, atol=2e-5, rtol=1e-4)  # ...and read back
 
@@ -355,11 +361,10 @@ def test_a_pretrained_t5_trains_exports_and_samples(tmp_path, tiny_vqgan):
     """`--text_encoder FOLDER`: the run keeps the T5's weights and tokenizer, export carries
     them, and sampling from the export encodes prompts exactly as load_t5 does."""
     torch = _torch()
-    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+    from transformers import T5Config, T5EncoderModel
     torch.manual_seed(0)
-    T5EncoderModel(T5Config(vocab_size=384, d_model=32, d_ff=64, num_layers=2, d_kv=8, num_heads=4,
-                            feed_forward_proj="gated-gelu")).save_pretrained(tmp_path / "t5")
-    ByT5Tokenizer().save_pretrained(tmp_path / "t5")
+    _save_t5(T5EncoderModel(T5Config(vocab_size=384, d_model=32, d_ff=64, num_layers=2, d_kv=8, num_heads=4,
+                                     feed_forward_proj="gated-gelu")), tmp_path / "t5")
     _train(tmp_path / "run", "base", "--vqgan", str(tiny_vqgan), "--text_encoder", str(tmp_path / "t5"),
            "--text_length", "16", "--steps", "2")
     train.main(["export", "--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "exported")])
