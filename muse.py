@@ -557,17 +557,45 @@ def mask_schedule(n0, t, steps, n_masked):
     return jnp.clip(jnp.minimum(target, n_masked - 1), 0, None)
 
 
+# On a CPU, a forward pass over many tokens at once runs slower per token than over a few:
+# at `medium` (a guided step's doubled batch is 16 x 256 tokens) the MLP's (4096, 2048)
+# hidden activations alone are 32 MB, out of cache, and a (4096 x 512) . (512 x 2048)
+# matmul runs at ~330 GFLOP/s where a (1024 x 512) one runs at ~475 (2026-11-27, the
+# 2-core CPU of README's Speed section); cut into passes of ~1024 tokens (4 rows), the
+# whole forward took 488 ms instead of 663-731. Accelerators want the opposite (one big
+# batch keeps more of the chip busy), so they run every row in one pass.
+CPU_TOKENS_PER_PASS = 1024
+
+
+def rows_per_pass(rows, tokens_per_row, tokens):
+    """How many of `rows` examples one pass takes: all of them on an accelerator; on a CPU,
+    the largest divisor of `rows` that keeps a pass within `tokens` tokens (at least one
+    row). The sampler passes CPU_TOKENS_PER_PASS; train.py its own figure for training."""
+    if jax.default_backend() != "cpu":
+        return rows
+    target = max(1, tokens // tokens_per_row)
+    return max(d for d in range(1, rows + 1) if rows % d == 0 and d <= target)
+
+
 def guided_logits(model, params, ids, ctx, ctx_mask, uncond, uncond_mask, scale, lowres_ids=None):
     """Classifier-free guidance (§2.7): (1 + s) * l_cond - s * l_uncond, logits (B, N, K).
 
     `uncond` is the empty prompt's embedding, or a negative prompt's: guidance then pushes
-    away from it. Both passes run as one forward over a doubled batch. The super-res
-    model's low-res tokens condition both passes: only the text differs.
+    away from it. Both passes run as one forward over a doubled batch (on a CPU, in
+    slices of rows_per_pass(...) rows, one after the other: the same logits, faster). The
+    super-res model's low-res tokens condition both passes: only the text differs.
     """
-    B = ids.shape[0]
+    B, N = ids.shape
     twice = lambda a, b: jnp.concatenate([a, b])
-    logits = model.apply({"params": params}, twice(ids, ids), twice(ctx, uncond), twice(ctx_mask, uncond_mask),
-                         None if lowres_ids is None else twice(lowres_ids, lowres_ids))      # (2B, N, K)
+    inputs = (twice(ids, ids), twice(ctx, uncond), twice(ctx_mask, uncond_mask),
+              None if lowres_ids is None else twice(lowres_ids, lowres_ids))            # 2B rows each
+    forward = lambda x: model.apply({"params": params}, *x)
+    rows = rows_per_pass(2 * B, N, CPU_TOKENS_PER_PASS)
+    if rows == 2 * B:
+        logits = forward(inputs)                                                        # (2B, N, K)
+    else:
+        sliced = jax.tree.map(lambda a: a.reshape((2 * B // rows, rows) + a.shape[1:]), inputs)
+        logits = jax.lax.map(forward, sliced).reshape(2 * B, N, -1)                      # (2B, N, K)
     cond, uncond_logits = logits[:B], logits[B:]
     return (1 + scale) * cond - scale * uncond_logits
 

@@ -598,6 +598,31 @@ def test_guidance_zero_is_the_conditional_model():
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the passes are split on a CPU only")
+def test_cpu_passes_are_split_into_slices_of_rows_that_divide_the_batch():
+    assert muse.rows_per_pass(16, 256, 1024) == 4       # `medium`'s doubled batch: 4 passes of 4 rows
+    assert muse.rows_per_pass(16, 64, 1024) == 16       # `small`'s fits in one pass
+    assert muse.rows_per_pass(6, 256, 1024) == 3        # the largest divisor within the budget
+    assert muse.rows_per_pass(4, 4096, 1024) == 1       # at least one row
+    # training: micro-batches of ~512 tokens (`demo` at batch 32, `medium` at 8; `small` whole)
+    assert (train.default_grad_accum(32, 64), train.default_grad_accum(8, 256), train.default_grad_accum(8, 64)) \
+        == (4, 4, 1)
+
+
+def test_guidance_in_slices_of_rows_gives_the_same_logits(monkeypatch):
+    """On a CPU the guided forward's doubled batch runs in slices (muse.CPU_TOKENS_PER_PASS):
+    a speed-up only, the logits must not change."""
+    cfg, model, params, ctx, ctx_mask, uncond, umask = _decode_setup(batch=3)
+    ids = jax.random.randint(jax.random.PRNGKey(1), (3, cfg.num_tokens), 0, cfg.codebook_size + 1)  # some [MASK]
+    whole = muse.guided_logits(model, params, ids, ctx, ctx_mask, uncond, umask, 3.0)
+    monkeypatch.setattr(muse, "CPU_TOKENS_PER_PASS", 2 * cfg.num_tokens)     # 3 passes of 2 rows
+    if jax.default_backend() == "cpu":
+        assert muse.rows_per_pass(6, cfg.num_tokens, muse.CPU_TOKENS_PER_PASS) == 2
+    sliced = muse.guided_logits(model, params, ids, ctx, ctx_mask, uncond, umask, 3.0)
+    assert sliced.shape == whole.shape == (3, cfg.num_tokens, cfg.codebook_size)
+    np.testing.assert_allclose(sliced, whole, atol=1e-5)
+
+
 # =============================================================================
 # train.py: pmap training, checkpoints, resume, overfitting; sample.py: the CLI
 # =============================================================================
@@ -957,6 +982,14 @@ def test_train_benchmark_prints_one_json_line(capsys):
     assert out["gflop_per_step"] == pytest.approx(3 * muse.transformer_flops(cfg, 2, 8) / 1e9)
     assert out["mfu"] == pytest.approx(out["achieved_tflops"] / out["peak_tflops"])
     assert out["tokens_per_sec"] == pytest.approx(out["images_per_sec"] * cfg.num_tokens)
+    assert out["grad_accum"] == 1
+    # on a CPU the default splits a batch of more than ~512 tokens into micro-batches (the
+    # benchmark's step is then train.py's: train.mean_over_micro_batches); --grad_accum 1 does not
+    if jax.default_backend() == "cpu":
+        for extra, k in (([], 2), (["--grad_accum", "1"], 1)):
+            train.main(["base", "--benchmark", "tiny", "--batch_size", "64", "--text_length", "8",
+                        "--bench_steps", "1", *extra])
+            assert json.loads(capsys.readouterr().out)["grad_accum"] == k
     # an explicit peak replaces the measured one, in either unit
     train.main(["base", "--benchmark", "tiny", "--batch_size", "2", "--text_length", "8", "--bench_steps", "1",
                 "--peak_gflops", "500"])
@@ -973,7 +1006,10 @@ def test_train_benchmark_defaults_and_errors(capsys):
     for argv, message in ((["base"], "--workdir"), (["vqgan", "--benchmark", "tiny"], "base model"),
                           (["base", "--benchmark", "tiny", "--peak_tflops", "1", "--peak_gflops", "1"], "not both"),
                           (["base", "--benchmark", "tiny", "--attention", "cudnn"], "--dtype bfloat16"),
-                          (["base", "--workdir", "w", "--profile", "p"], "goes with --benchmark")):
+                          (["base", "--workdir", "w", "--profile", "p"], "goes with --benchmark"),
+                          (["base", "--workdir", "w", "--grad_accum", "-1"], "--grad_accum"),
+                          (["base", "--benchmark", "tiny", "--batch_size", "6", "--grad_accum", "4"],
+                           "multiple of --grad_accum")):
         with pytest.raises(SystemExit) as e:
             train.parse_args(argv)
         assert e.value.code == 2
@@ -1113,6 +1149,15 @@ def test_grad_accum_gives_the_same_training_as_one_big_batch(tmp_path, tiny_vqga
     p1, p2 = (sample.read_checkpoint(str(tmp_path / f"k{k}"))["params"] for k in (1, 2))
     for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
         np.testing.assert_allclose(x, y, atol=1e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the default splits batches on a CPU only")
+def test_training_on_a_cpu_splits_big_batches_into_micro_batches(tmp_path, tiny_vqgan, capsys):
+    # tiny: 16 tokens a row, so 64 rows are 1024 tokens: two micro-batches of ~512
+    _train(tmp_path, "base", "--vqgan", str(tiny_vqgan), "--steps", "1", "--batch_size", "64",
+           "--num_devices", "1")
+    assert "64 per device in 2 micro-batches" in capsys.readouterr().out
+    assert np.isfinite(_metrics(tmp_path)[0]["loss"])
 
 
 def test_bfloat16_training_keeps_float32_weights(tmp_path, tiny_vqgan):

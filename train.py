@@ -168,6 +168,43 @@ def learning_rate(step, peak, warmup, horizon):
     return jnp.where(step < warmup, peak * step / max(warmup, 1), cosine)
 
 
+def mean_over_micro_batches(value_and_grad, batch, k):
+    """--grad_accum K: value_and_grad(micro_batch, i) -> (value, grads) over K micro-batches
+    (rows i*m .. (i+1)*m of `batch`, m = rows / K), in sequence, averaged.
+
+    Only one micro-batch's activations are held at a time. Every loss is a mean over
+    examples, so the mean of K equal micro-batch means is the full batch's mean: the same
+    update as one big step (up to float rounding).
+    """
+    if k == 1:
+        return value_and_grad(batch, 0)
+    micro = jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), batch)   # (K, m, ...)
+
+    def accumulate(total, xs):
+        i, mb = xs
+        return jax.tree.map(jnp.add, total, value_and_grad(mb, i)), None
+
+    # the running sums start at zero, shaped like one micro-batch's (value, grads)
+    one_micro = jax.tree.map(lambda x: x[0], micro)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(value_and_grad, one_micro, 0))
+    total, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k), micro))
+    return jax.tree.map(lambda x: x / k, total)
+
+
+# On a CPU the transformer stages train fastest in micro-batches of ~512 tokens, for the
+# reason muse.CPU_TOKENS_PER_PASS gives (activations, and here the backward pass's too,
+# stay in cache): a `demo` step at batch 32 x 64 tokens took 321 ms in 4 micro-batches
+# against 390-406 ms in one, a `medium` step at batch 8 x 256 1064-1070 ms in 4 against
+# 1269-1277 (2026-11-27, README's Speed section). So --grad_accum's default, 0, picks that
+# split on a CPU, and none on accelerators or for the tokenizer (not measured there).
+CPU_TOKENS_PER_MICRO_BATCH = 512
+
+
+def default_grad_accum(rows, tokens_per_row):
+    """--grad_accum 0 (a transformer stage): how many micro-batches a device's `rows` are split into."""
+    return rows // muse.rows_per_pass(rows, tokens_per_row, CPU_TOKENS_PER_MICRO_BATCH)
+
+
 # -----------------------------------------------------------------------------
 # The stages. setup_vqgan / setup_transformer return what train() needs of a stage: its
 # params' init, its frozen arrays (`consts`), its per-device loss, a sample-grid writer, the
@@ -563,9 +600,6 @@ def train(args):
     # pmap over all devices of all hosts unless asked for fewer (a multi-host pmap must span all)
     devices = jax.local_devices()[:n_dev] if args.num_devices else None
     n_global = n_dev * jax.process_count()
-    if args.batch_size % (n_global * args.grad_accum):
-        fail(f"--batch_size {args.batch_size} must be a multiple of the device count {n_global}"
-             + (f" times --grad_accum {args.grad_accum}" if args.grad_accum > 1 else ""))
     is_main = jax.process_index() == 0
     os.makedirs(args.workdir, exist_ok=True)
     ckpt_path = os.path.join(args.workdir, CHECKPOINT)
@@ -594,6 +628,16 @@ def train(args):
             fail(f"{ckpt_path} exists: pass --resume to continue it, or choose another --workdir")
         config, consts = new_run(args)
     config["data_stream"] = stream
+    # (checked here, after a resume has restored the checkpoint's --batch_size)
+    if args.batch_size % n_global:
+        fail(f"--batch_size {args.batch_size} must be a multiple of the device count {n_global}")
+    rows = args.batch_size // n_global
+    if args.grad_accum == 0:
+        args.grad_accum = 1 if args.stage == "vqgan" else \
+            default_grad_accum(rows, muse.MuseConfig(**config["muse"]).num_tokens)
+    if rows % args.grad_accum:
+        fail(f"--batch_size {args.batch_size} must be a multiple of the device count {n_global} "
+             f"times --grad_accum {args.grad_accum}")
     setup = setup_vqgan(args, config) if args.stage == "vqgan" else setup_transformer(args, config, consts)
     consts = setup["consts"]
     tx = make_optimizer(args)
@@ -622,7 +666,9 @@ def train(args):
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     if is_main:
         print(f"stage {args.stage}: {n_params / 1e6:.2f}M trainable params; global batch {args.batch_size} = "
-              f"{n_global} devices x {args.batch_size // n_global} per device ({jax.default_backend()})")
+              f"{n_global} devices x {rows} per device"
+              + (f" in {args.grad_accum} micro-batches" if args.grad_accum > 1 else "")
+              + f" ({jax.default_backend()})")
 
     loss_fn = setup["loss_fn"]
 
@@ -632,27 +678,9 @@ def train(args):
         step, params = state["step"], state["params"]
         rows = jax.tree.leaves(batch)[0].shape[0]               # this device's slice of the batch
         first = jax.lax.axis_index("batch") * rows              # global index of its first row
-        if args.grad_accum == 1:
-            (_, metrics), grads = grad_fn(params, consts, batch, rng, step, first)
-        else:
-            # --grad_accum K: K micro-batches in sequence, gradients summed, so activations
-            # are held for rows / K examples at a time. Every loss is a mean over examples,
-            # so the mean of K equal micro-batch means is the full batch's mean: the same
-            # update as one big step (up to float rounding).
-            k, m = args.grad_accum, rows // args.grad_accum
-            micro = jax.tree.map(lambda x: x.reshape((k, m) + x.shape[1:]), batch)    # (K, m, ...)
-
-            def accumulate(total, xs):
-                i, mb = xs
-                (_, mets), g = grad_fn(params, consts, mb, rng, step, first + i * m)
-                return jax.tree.map(jnp.add, total, (g, mets)), None
-
-            # the running sums start at zero, shaped like one micro-batch's (grads, metrics)
-            one_micro = jax.tree.map(lambda x: x[0], micro)
-            (_, metrics_shape), grads_shape = jax.eval_shape(grad_fn, params, consts, one_micro, rng, step, first)
-            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grads_shape, metrics_shape))
-            total, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k), micro))
-            grads, metrics = jax.tree.map(lambda x: x / k, total)
+        m = rows // args.grad_accum                             # rows per micro-batch
+        (_, metrics), grads = mean_over_micro_batches(
+            lambda mb, i: grad_fn(params, consts, mb, rng, step, first + i * m), batch, args.grad_accum)
         # each device saw a different slice of the batch: average the gradients (and the
         # metrics) over devices so every replica applies the same update
         grads = jax.lax.pmean(grads, "batch")
@@ -825,16 +853,19 @@ def benchmark(args):
     n_params = sum(x.size for x in jax.tree.leaves(params))
     progress(f"initialised {n_params / 1e6:.1f}M params on {device.device_kind}; compiling the train step")
 
+    k = args.grad_accum or default_grad_accum(B, N)
+
     def train_step(state, batch, rng):
         step = state["step"]
         keys = example_keys(rng, step, 0, B)                                                  # one key per example
 
-        def loss_fn(params):
-            loss, _ = muse.masked_token_loss(model, params, batch["ids"], batch["emb"], batch["mask"],
-                                             empty_emb, empty_mask, keys)
+        def loss_fn(params, mb):
+            loss, _ = muse.masked_token_loss(model, params, mb["ids"], mb["emb"], mb["mask"],
+                                             empty_emb, empty_mask, mb["keys"])
             return loss.mean()
 
-        loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+        loss, grads = mean_over_micro_batches(lambda mb, i: jax.value_and_grad(loss_fn)(state["params"], mb),
+                                              dict(batch, keys=keys), k)
         return apply_update(tx, state, grads, learning_rate(step, args.lr, args.warmup, args.decay_steps)), loss
 
     t0 = time.perf_counter()
@@ -882,7 +913,8 @@ def benchmark(args):
     else:
         peak, peak_source = peak_flops()
     achieved = flop_step / sec
-    return {"preset": args.benchmark, "dtype": args.dtype, "batch": B, "text_length": L, "params": n_params,
+    return {"preset": args.benchmark, "dtype": args.dtype, "batch": B, "grad_accum": k, "text_length": L,
+            "params": n_params,
             "sec_per_step": sec, "sec_per_step_pipelined": pipelined, "compile_s": compile_s,
             "images_per_sec": B / sec,
             "tokens_per_sec": B * N / sec, "gflop_per_step": flop_step / 1e9,
@@ -933,9 +965,10 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=None,
                    help="global batch, split over all devices (default 64; --benchmark: 64 for the base "
                         "preset, 16 for large, 8 otherwise)")
-    p.add_argument("--grad_accum", type=int, default=1,
-                   help="split each device's rows into K micro-batches and sum their gradients (same update, "
-                        "1/K of the activation memory)")
+    p.add_argument("--grad_accum", type=int, default=0,
+                   help="split each device's rows into K micro-batches and average their gradients (same "
+                        "update, 1/K of the activation memory); 0: 1, except for the transformers on a CPU, "
+                        "where micro-batches of ~512 tokens train faster (README, Speed)")
     p.add_argument("--seed", type=int, default=0, help="seeds the data, the init and the masking")
     p.add_argument("--num_examples", type=int, default=0,
                    help="shapes: a finite training set of N scenes (0: a new scene every time)")
@@ -1007,11 +1040,15 @@ def parse_args(argv=None):
             args.text_length = 32
         if min(args.batch_size, args.text_length, args.bench_steps) < 1:
             p.error("--batch_size, --text_length and --bench_steps must be at least 1")
+        if args.grad_accum and args.batch_size % args.grad_accum:
+            p.error(f"--batch_size {args.batch_size} must be a multiple of --grad_accum {args.grad_accum}")
     elif not args.workdir and args.stage != "tokenize":
         p.error("the following arguments are required: --workdir (unless --benchmark or tokenize)")
     presets = vqgan.PRESETS if args.stage == "vqgan" else muse.PRESETS
     if args.preset is not None and args.stage in ("vqgan", "base", "superres") and args.preset not in presets:
         p.error(f"--preset {args.preset}: not a {args.stage} preset (choose from {', '.join(presets)})")
+    if args.grad_accum < 0:
+        p.error("--grad_accum must be 1 or more (or 0: the default for the machine)")
     if args.profile and not args.benchmark:
         p.error("--profile goes with --benchmark (it traces the benchmark's steps)")
     if args.attention == "cudnn" and args.dtype != "bfloat16":
