@@ -811,9 +811,7 @@ def run(args, base, sr, prompts, seed, first=0):
         return images[-1], (images[0] if sr else None)
     init_lo, init_hr = editing_init(args, base, sr) if args.init else (None, None)
     rep = lambda x: None if x is None else jnp.asarray(np.repeat(x, B, 0))
-    lo_ids = generate_ids(base.model, base.params, base.text_encoder, prompts, seed, first, steps=args.steps,
-                          guidance=args.guidance, temperature=args.temperature,
-                          choice_temperature=args.choice_temperature, negative=args.negative, init_ids=rep(init_lo))
+    lo_ids = base_ids(args, base, prompts, seed, first, init_ids=rep(init_lo))
     if sr is None:
         return ids_to_images(base.vq, base.vq_params, lo_ids), None
     # the low-res images are decoded only when asked for (--lowres-out): a decoder compile is ~1 s
@@ -821,15 +819,26 @@ def run(args, base, sr, prompts, seed, first=0):
     return superres_stage(args, sr, prompts, lo_ids, seed, first, init_ids=rep(init_hr)), lo_images
 
 
+def base_ids(args, base, prompts, seed, first=0, init_ids=None):
+    """run()'s base stage: prompts -> low-res ids (B, Nlo), at the base model's flags."""
+    return generate_ids(base.model, base.params, base.text_encoder, prompts, seed, first, steps=args.steps,
+                        guidance=args.guidance, temperature=args.temperature,
+                        choice_temperature=args.choice_temperature, negative=args.negative, init_ids=init_ids)
+
+
+def superres_ids(args, sr, prompts, lowres_ids, seed, first=0, init_ids=None):
+    """run()'s super-res stage: low-res ids (B, Nlo) + prompts -> high-res ids (B, N), at the
+    --sr_* flags, seeded seed + 1 (the base stage takes seed)."""
+    return generate_ids(sr.model, sr.params, sr.text_encoder, prompts, seed + 1, first, steps=args.sr_steps,
+                        guidance=args.sr_guidance, temperature=args.sr_temperature,
+                        choice_temperature=args.choice_temperature, negative=args.negative,
+                        init_ids=init_ids, lowres_ids=lowres_ids)
+
+
 def superres_stage(args, sr, prompts, lowres_ids, seed, first=0, init_ids=None):
-    """run()'s super-res stage: low-res ids (B, Nlo) + prompts -> uint8 high-res images, at the
-    --sr_* flags, seeded seed + 1 (the base stage takes seed). `--evaluate` also feeds it
-    the renders' true low-res tokens."""
-    hr_ids = generate_ids(sr.model, sr.params, sr.text_encoder, prompts, seed + 1, first, steps=args.sr_steps,
-                          guidance=args.sr_guidance, temperature=args.sr_temperature,
-                          choice_temperature=args.choice_temperature, negative=args.negative,
-                          init_ids=init_ids, lowres_ids=lowres_ids)
-    return ids_to_images(sr.vq, sr.vq_params, hr_ids)
+    """superres_ids, decoded to uint8 high-res images. `--evaluate` also feeds it the renders'
+    true low-res tokens."""
+    return ids_to_images(sr.vq, sr.vq_params, superres_ids(args, sr, prompts, lowres_ids, seed, first, init_ids))
 
 
 def in_batches(args, items, fn):

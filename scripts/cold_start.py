@@ -33,12 +33,8 @@ def timed(name, fn):
 prompt = sys.argv[1] if len(sys.argv) > 1 else "a red circle above a blue square"
 args = sample.parse_args([prompt])
 base, sr = timed("read_checkpoints", lambda: sample.load_pipeline(args.checkpoint, args.superres))
-lo_ids = timed("base_decode", lambda: sample.generate_ids(
-    base.model, base.params, base.text_encoder, [prompt], args.seed, steps=args.steps, guidance=args.guidance,
-    temperature=args.temperature, choice_temperature=args.choice_temperature))
-hr_ids = timed("superres_decode", lambda: sample.generate_ids(
-    sr.model, sr.params, sr.text_encoder, [prompt], args.seed + 1, steps=args.sr_steps, guidance=args.sr_guidance,
-    temperature=args.sr_temperature, choice_temperature=args.choice_temperature, lowres_ids=lo_ids))
+lo_ids = timed("base_decode", lambda: sample.base_ids(args, base, [prompt], args.seed))
+hr_ids = timed("superres_decode", lambda: sample.superres_ids(args, sr, [prompt], lo_ids, args.seed))
 timed("vqgan_decode", lambda: sample.ids_to_images(sr.vq, sr.vq_params, hr_ids))
 timed("second_prompt_all_stages", lambda: sample.run(args, base, sr, [prompt], args.seed)[0])
 times["total_first_prompt"] = time.perf_counter() - t0 - times["second_prompt_all_stages"]
