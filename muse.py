@@ -569,12 +569,15 @@ CPU_TOKENS_PER_PASS = 1024
 
 def rows_per_pass(rows, tokens_per_row, tokens):
     """How many of `rows` examples one pass takes: all of them on an accelerator; on a CPU,
-    the largest divisor of `rows` that keeps a pass within `tokens` tokens (at least one
-    row). The sampler passes CPU_TOKENS_PER_PASS; train.py its own figure for training."""
-    if jax.default_backend() != "cpu":
-        return rows
+    the largest divisor of `rows` that keeps a pass within `tokens` image tokens (at least
+    one row), unless that divisor is under half the budget's rows (34 rows of 64 tokens
+    would run as 17 passes of 2 rows): then all of them, in one pass. The sampler passes
+    CPU_TOKENS_PER_PASS; train.py its own figure for training."""
     target = max(1, tokens // tokens_per_row)
-    return max(d for d in range(1, rows + 1) if rows % d == 0 and d <= target)
+    if jax.default_backend() != "cpu" or rows <= target:
+        return rows
+    best = max(d for d in range(1, target + 1) if rows % d == 0)
+    return best if 2 * best >= target else rows
 
 
 def guided_logits(model, params, ids, ctx, ctx_mask, uncond, uncond_mask, scale, lowres_ids=None):
@@ -594,7 +597,7 @@ def guided_logits(model, params, ids, ctx, ctx_mask, uncond, uncond_mask, scale,
     if rows == 2 * B:
         logits = forward(inputs)                                                        # (2B, N, K)
     else:
-        sliced = jax.tree.map(lambda a: a.reshape((2 * B // rows, rows) + a.shape[1:]), inputs)
+        sliced = jax.tree.map(lambda a: a.reshape((2 * B // rows, rows) + a.shape[1:]), inputs)  # (2B/rows, rows, ...)
         logits = jax.lax.map(forward, sliced).reshape(2 * B, N, -1)                      # (2B, N, K)
     cond, uncond_logits = logits[:B], logits[B:]
     return (1 + scale) * cond - scale * uncond_logits

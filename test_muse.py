@@ -604,21 +604,32 @@ def test_cpu_passes_are_split_into_slices_of_rows_that_divide_the_batch():
     assert muse.rows_per_pass(16, 64, 1024) == 16       # `small`'s fits in one pass
     assert muse.rows_per_pass(6, 256, 1024) == 3        # the largest divisor within the budget
     assert muse.rows_per_pass(4, 4096, 1024) == 1       # at least one row
+    assert muse.rows_per_pass(34, 64, 1024) == 34       # not 17 passes of 2 rows: one pass
     # training: micro-batches of ~512 tokens (`demo` at batch 32, `medium` at 8; `small` whole)
     assert (train.default_grad_accum(32, 64), train.default_grad_accum(8, 256), train.default_grad_accum(8, 64)) \
         == (4, 4, 1)
+    assert train.default_grad_accum(62, 64) == 1        # not 31 micro-batches of 2 rows
 
 
-def test_guidance_in_slices_of_rows_gives_the_same_logits(monkeypatch):
+@pytest.mark.parametrize("lowres", [False, True])
+def test_guidance_in_slices_of_rows_gives_the_same_logits(monkeypatch, lowres):
     """On a CPU the guided forward's doubled batch runs in slices (muse.CPU_TOKENS_PER_PASS):
-    a speed-up only, the logits must not change."""
+    a speed-up only, the logits must not change (and no row may meet another's inputs: the
+    whole batch in one pass is the reference). Also with a super-res model's low-res tokens."""
     cfg, model, params, ctx, ctx_mask, uncond, umask = _decode_setup(batch=3)
+    lo = None
+    if lowres:
+        cfg = replace(cfg, lowres_grid=2, lowres_codebook_size=32)
+        model = muse.MaskedTransformer(cfg)
+        lo = jax.random.randint(jax.random.PRNGKey(2), (3, 4), 0, 32)                     # (B, Nlo)
     ids = jax.random.randint(jax.random.PRNGKey(1), (3, cfg.num_tokens), 0, cfg.codebook_size + 1)  # some [MASK]
-    whole = muse.guided_logits(model, params, ids, ctx, ctx_mask, uncond, umask, 3.0)
+    if lowres:
+        params = model.init(jax.random.PRNGKey(0), ids, ctx, ctx_mask, lo)["params"]
+    whole = muse.guided_logits(model, params, ids, ctx, ctx_mask, uncond, umask, 3.0, lo)
     monkeypatch.setattr(muse, "CPU_TOKENS_PER_PASS", 2 * cfg.num_tokens)     # 3 passes of 2 rows
     if jax.default_backend() == "cpu":
         assert muse.rows_per_pass(6, cfg.num_tokens, muse.CPU_TOKENS_PER_PASS) == 2
-    sliced = muse.guided_logits(model, params, ids, ctx, ctx_mask, uncond, umask, 3.0)
+    sliced = muse.guided_logits(model, params, ids, ctx, ctx_mask, uncond, umask, 3.0, lo)
     assert sliced.shape == whole.shape == (3, cfg.num_tokens, cfg.codebook_size)
     np.testing.assert_allclose(sliced, whole, atol=1e-5)
 
@@ -986,10 +997,15 @@ def test_train_benchmark_prints_one_json_line(capsys):
     # on a CPU the default splits a batch of more than ~512 tokens into micro-batches (the
     # benchmark's step is then train.py's: train.mean_over_micro_batches); --grad_accum 1 does not
     if jax.default_backend() == "cpu":
+        losses = {}
         for extra, k in (([], 2), (["--grad_accum", "1"], 1)):
             train.main(["base", "--benchmark", "tiny", "--batch_size", "64", "--text_length", "8",
                         "--bench_steps", "1", *extra])
-            assert json.loads(capsys.readouterr().out)["grad_accum"] == k
+            out = json.loads(capsys.readouterr().out)
+            assert out["grad_accum"] == k
+            losses[k] = out["loss"]
+        # the same three updates either way (each example keeps its own key in its micro-batch)
+        assert losses[2] == pytest.approx(losses[1], rel=1e-4)
     # an explicit peak replaces the measured one, in either unit
     train.main(["base", "--benchmark", "tiny", "--batch_size", "2", "--text_length", "8", "--bench_steps", "1",
                 "--peak_gflops", "500"])

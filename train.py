@@ -169,8 +169,8 @@ def learning_rate(step, peak, warmup, horizon):
 
 
 def mean_over_micro_batches(value_and_grad, batch, k):
-    """--grad_accum K: value_and_grad(micro_batch, i) -> (value, grads) over K micro-batches
-    (rows i*m .. (i+1)*m of `batch`, m = rows / K), in sequence, averaged.
+    """--grad_accum K: value_and_grad(micro_batch, offset) -> (value, grads) over K micro-batches
+    (rows offset .. offset + m of `batch`, m = rows / K), in sequence, averaged.
 
     Only one micro-batch's activations are held at a time. Every loss is a mean over
     examples, so the mean of K equal micro-batch means is the full batch's mean: the same
@@ -178,16 +178,17 @@ def mean_over_micro_batches(value_and_grad, batch, k):
     """
     if k == 1:
         return value_and_grad(batch, 0)
-    micro = jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), batch)   # (K, m, ...)
+    m = jax.tree.leaves(batch)[0].shape[0] // k
+    micro = jax.tree.map(lambda x: x.reshape((k, m) + x.shape[1:]), batch)                 # (K, m, ...)
 
     def accumulate(total, xs):
-        i, mb = xs
-        return jax.tree.map(jnp.add, total, value_and_grad(mb, i)), None
+        offset, mb = xs
+        return jax.tree.map(jnp.add, total, value_and_grad(mb, offset)), None
 
     # the running sums start at zero, shaped like one micro-batch's (value, grads)
-    one_micro = jax.tree.map(lambda x: x[0], micro)
+    one_micro = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), micro)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(value_and_grad, one_micro, 0))
-    total, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k), micro))
+    total, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k) * m, micro))
     return jax.tree.map(lambda x: x / k, total)
 
 
@@ -629,15 +630,15 @@ def train(args):
         config, consts = new_run(args)
     config["data_stream"] = stream
     # (checked here, after a resume has restored the checkpoint's --batch_size)
+    batch_flag = f"--batch_size {args.batch_size}" + (" (the checkpoint's)" if args.resume else "")
     if args.batch_size % n_global:
-        fail(f"--batch_size {args.batch_size} must be a multiple of the device count {n_global}")
-    rows = args.batch_size // n_global
+        fail(f"{batch_flag} must be a multiple of the device count {n_global}")
+    rows = args.batch_size // n_global                          # this device's rows per step
     if args.grad_accum == 0:
         args.grad_accum = 1 if args.stage == "vqgan" else \
             default_grad_accum(rows, muse.MuseConfig(**config["muse"]).num_tokens)
     if rows % args.grad_accum:
-        fail(f"--batch_size {args.batch_size} must be a multiple of the device count {n_global} "
-             f"times --grad_accum {args.grad_accum}")
+        fail(f"{batch_flag} must be a multiple of the device count {n_global} times --grad_accum {args.grad_accum}")
     setup = setup_vqgan(args, config) if args.stage == "vqgan" else setup_transformer(args, config, consts)
     consts = setup["consts"]
     tx = make_optimizer(args)
@@ -676,11 +677,9 @@ def train(args):
 
     def train_step(state, consts, batch, rng, horizon, clock):
         step, params = state["step"], state["params"]
-        rows = jax.tree.leaves(batch)[0].shape[0]               # this device's slice of the batch
-        first = jax.lax.axis_index("batch") * rows              # global index of its first row
-        m = rows // args.grad_accum                             # rows per micro-batch
+        first = jax.lax.axis_index("batch") * rows              # global index of this device's first row
         (_, metrics), grads = mean_over_micro_batches(
-            lambda mb, i: grad_fn(params, consts, mb, rng, step, first + i * m), batch, args.grad_accum)
+            lambda mb, offset: grad_fn(params, consts, mb, rng, step, first + offset), batch, args.grad_accum)
         # each device saw a different slice of the batch: average the gradients (and the
         # metrics) over devices so every replica applies the same update
         grads = jax.lax.pmean(grads, "batch")
@@ -864,7 +863,7 @@ def benchmark(args):
                                              empty_emb, empty_mask, mb["keys"])
             return loss.mean()
 
-        loss, grads = mean_over_micro_batches(lambda mb, i: jax.value_and_grad(loss_fn)(state["params"], mb),
+        loss, grads = mean_over_micro_batches(lambda mb, _: jax.value_and_grad(loss_fn)(state["params"], mb),
                                               dict(batch, keys=keys), k)
         return apply_update(tx, state, grads, learning_rate(step, args.lr, args.warmup, args.decay_steps)), loss
 

@@ -42,7 +42,7 @@ case $mode in
   *) echo "unknown mode $mode (gpu, cpu or test)" >&2; exit 2 ;;
 esac
 steps=$([ "$mode" = test ] && echo 3 || echo 100000)   # the time limits decide, except in test mode
-# two runs share the device in round 2: let each take what it needs, not 75% of it up front
+# on a GPU two runs share the device: let each take what it needs, not 75% of it up front
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.45
 t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
