@@ -967,7 +967,7 @@ def parse_args(argv=None):
     p.add_argument("--grad_accum", type=int, default=0,
                    help="split each device's rows into K micro-batches and average their gradients (same "
                         "update, 1/K of the activation memory); 0: 1, except for the transformers on a CPU, "
-                        "where micro-batches of ~512 tokens train faster (README, Speed)")
+                        "where micro-batches of up to 512 tokens train faster (README, Speed)")
     p.add_argument("--seed", type=int, default=0, help="seeds the data, the init and the masking")
     p.add_argument("--num_examples", type=int, default=0,
                    help="shapes: a finite training set of N scenes (0: a new scene every time)")
