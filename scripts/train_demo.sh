@@ -21,9 +21,9 @@
 # `python sample.py --checkpoint RUNS/demo` reads (copy it to checkpoints/demo to ship it).
 #
 # How the shipped files were made (README.md, "The demo checkpoint"): rounds 1 and 2's base
-# model on an H200 with the gpu settings, the rest on the 2-core CPU with the cpu settings of the time (300 tokenizer steps as now;
-# no micro-batches),
-# except that the super-res model trained longer (--time_limit 3600, then resumed with
+# model on an H200 with the gpu settings, the rest on the 2-core CPU with the cpu settings of
+# the time (the 64 px tokenizer's 300 steps as now; no micro-batches), except that the
+# super-res model trained longer (--time_limit 3600, then resumed with
 # --resume --time_limit 2400, then again with --time_limit 4800: 4478 steps in all), and
 # was then fine-tuned for 240 s on an H100 (`scripts/gpu_session.sh`: --init, batch 128),
 # and once more for 80 min on the CPU (--init, batch 32, --lr 1e-4; README's table).
