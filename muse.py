@@ -560,9 +560,9 @@ def mask_schedule(n0, t, steps, n_masked):
 # On a CPU, a forward pass over many tokens at once runs slower per token than over a few:
 # at `medium` (a guided step's doubled batch is 16 x 256 tokens) the MLP's (4096, 2048)
 # hidden activations alone are 32 MB, out of cache, and a (4096 x 512) . (512 x 2048)
-# matmul runs at ~330 GFLOP/s where a (1024 x 512) one runs at ~475 (2026-11-27, the
+# matmul runs at ~310 GFLOP/s where a (1024 x 512) one runs at ~475 (2026-11-27, the
 # 2-core CPU of README's Speed section); cut into passes of ~1024 tokens (4 rows), the
-# whole forward took 488 ms instead of 663-731. Accelerators want the opposite (one big
+# guided forward took 519-530 ms instead of 703. Accelerators want the opposite (one big
 # batch keeps more of the chip busy), so they run every row in one pass.
 CPU_TOKENS_PER_PASS = 1024
 
