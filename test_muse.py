@@ -907,6 +907,24 @@ def test_export_writes_a_small_float16_checkpoint_that_samples(tmp_path, tiny_ba
     assert os.path.exists(tmp_path / "x.png")
 
 
+def test_the_demo_recipe_names_presets_that_exist_and_the_cpus_are_cheaper():
+    # scripts/train_demo.sh picks a preset per stage and mode; a typo there would only show
+    # an hour into a CPU run. The CPU's transformers exist to see more images in the same
+    # time (README, "How it was trained"), so they must cost less per image than the GPU's.
+    script = open(os.path.join(os.path.dirname(__file__), "scripts", "train_demo.sh")).read()
+    modes = dict(re.findall(r"^  (gpu|cpu|test)\)(.*);;$", script, re.M))
+    assert set(modes) == {"gpu", "cpu", "test"}
+    preset = {mode: dict(re.findall(r"(base|sr)=\((\w+) ", line)) for mode, line in modes.items()}
+    for stages in preset.values():
+        assert set(stages) == {"base", "sr"} and all(p in muse.PRESETS for p in stages.values())
+        assert not muse.PRESETS[stages["base"]].lowres_aligned and muse.PRESETS[stages["sr"]].lowres_aligned
+    tokenizers = set(re.findall(r"vqgan --workdir \S+ --preset (\w+)", script))
+    assert tokenizers == {"shapes", "shapes_hr"} and tokenizers <= set(vqgan.PRESETS)
+    per_image = lambda name: muse.transformer_flops(muse.PRESETS[name], 1, 64)
+    for stage in ("base", "sr"):
+        assert per_image(preset["cpu"][stage]) < per_image(preset["gpu"][stage]) / 1.8
+
+
 def test_the_shipped_demo_draws_64px_images_by_default(tmp_path):
     # what a fresh clone runs: no --checkpoint; the default pipeline is base + super-res
     base, sr = sample.load_pipeline(sample.DEFAULT_CHECKPOINT)
