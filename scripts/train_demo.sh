@@ -2,7 +2,7 @@
 # Retrain the shipped demo pipeline (checkpoints/demo) from scratch on the shapes world.
 #
 #   bash scripts/train_demo.sh gpu  RUNS   # one GPU: ~9 min end to end (fits one 10-minute call)
-#   bash scripts/train_demo.sh cpu  RUNS   # a 2-core CPU: ~1 h 33 min, one stage at a time; 82-84% (README)
+#   bash scripts/train_demo.sh cpu  RUNS   # a 2-core CPU: ~1 h 33 min, one stage at a time; 81.5-84% (README)
 #   bash scripts/train_demo.sh test RUNS   # a few steps of each stage: checks the script itself (gpu's order)
 #
 # Every stage stops at its --time_limit, having fitted its cosine schedule to the speed it
@@ -18,7 +18,7 @@
 # half speed (an earlier version of this recipe ran the base model beside the 64 px
 # tokenizer, which then reached only 166 of its 300 steps). The CPU's transformers are
 # smaller (`demo_cpu`, `demo_sr_cpu`, at lr 1e-3): in its 45 and 35 minutes they see twice the
-# images that `demo` and `demo_sr` would, which took the pipeline from 64% to 82-84%.
+# images that `demo` and `demo_sr` would, which took the pipeline from 64% to 81.5-84%.
 # Then both transformers are exported to float16 checkpoints in RUNS/demo, which
 # `python sample.py --checkpoint RUNS/demo` reads (copy it to checkpoints/demo to ship it).
 #
