@@ -196,8 +196,9 @@ def mean_over_micro_batches(value_and_grad, batch, k):
 # reason muse.CPU_TOKENS_PER_PASS gives (activations, and here the backward pass's too,
 # stay in cache): a `demo` step at batch 32 x 64 tokens took 322 ms in 4 micro-batches
 # against 395 ms in one, a `medium` step at batch 8 x 256 1109 ms in 4 against 1292
-# (`train.py base --benchmark ...`, 2026-11-27, README's Speed section). So --grad_accum's default, 0, picks that
-# split on a CPU, and none on accelerators or for the tokenizer (not measured there).
+# (`train.py base --benchmark ...`, 2026-11-27, README's Speed section). So --grad_accum's
+# default, 0, picks that split on a CPU, and none on accelerators or for the tokenizer (not
+# measured there).
 CPU_TOKENS_PER_MICRO_BATCH = 512
 
 
