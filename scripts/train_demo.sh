@@ -2,7 +2,7 @@
 # Retrain the shipped demo pipeline (checkpoints/demo) from scratch on the shapes world.
 #
 #   bash scripts/train_demo.sh gpu  RUNS   # one GPU: ~8.5 min end to end (512 s on an H200); made the shipped files
-#   bash scripts/train_demo.sh cpu  RUNS   # a 2-core CPU: ~1 h 35 min, one stage at a time; 81.5-84% (README)
+#   bash scripts/train_demo.sh cpu  RUNS   # a 2-core CPU: 93 min, one stage at a time; 78.5-84% (README)
 #   bash scripts/train_demo.sh test RUNS   # a few steps of each stage: checks the script itself (gpu's order)
 #
 # Every stage stops at its --time_limit, having fitted its cosine schedule to the speed it
