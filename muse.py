@@ -330,7 +330,7 @@ PRESETS = {
     # the CPU recipe's models (scripts/train_demo.sh cpu): with 45 and 35 minutes of a 2-core
     # CPU it is the budget, not the model, that limits. At two fifths and half of the FLOPs per
     # image of `demo` and `demo_sr` they see about twice the images in that time, and the
-    # pipeline scored 81.5-84% on the checker against 61.5-64% with `demo` and `demo_sr`
+    # pipeline scored 78.5-84% on the checker against 61.5-64% with `demo` and `demo_sr`
     # (README, "How it was trained"): as for language models, a small budget is best spent on
     # a smaller model and more data.
     "demo_cpu": MuseConfig(codebook_size=512, grid=8, width=192, depth=4, heads=3, head_dim=64),
