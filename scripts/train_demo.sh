@@ -18,7 +18,7 @@
 # half speed (an earlier version of this recipe ran the base model beside the 64 px
 # tokenizer, which then reached only 166 of its 300 steps). The CPU's transformers are
 # smaller (`demo_cpu`, `demo_sr_cpu`, at lr 1e-3): in its 45 and 35 minutes they see twice the
-# images that `demo` and `demo_sr` would, which took the pipeline from 64% to 81.5-84%.
+# images that `demo` and `demo_sr` would, which took the pipeline from 64% to 78.5-84%.
 # Then both transformers are exported to float16 checkpoints in RUNS/demo, which
 # `python sample.py --checkpoint RUNS/demo` reads (copy it to checkpoints/demo to ship it).
 #
