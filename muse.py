@@ -612,6 +612,24 @@ def guided_logits(model, params, ids, ctx, ctx_mask, uncond, uncond_mask, scale,
     return (1 + scale) * cond - scale * uncond_logits
 
 
+def sample_codes(rng, logp):
+    """One code per position from the distribution softmax(logp): logp (N, K) -> int (N,).
+
+    Inverse-CDF sampling: one uniform u per position, and the code is the first whose
+    cumulative probability exceeds u (a code of probability 0 is never drawn). The same
+    distribution as jax.random.categorical, which adds Gumbel noise to every one of the K
+    logits and takes the argmax: K random numbers and two logs per position instead of one.
+    On a CPU that was ~7% of a decoding step of `sample.py --benchmark small` (8 x 64
+    positions x 512 codes per step): 0.56-0.58 s per batch instead of 0.60-0.62 (four
+    alternating runs each, 2026-11-27). Any sampler changes the images a seed gives: the
+    README's evaluations were re-run with this one.
+    """
+    u = jax.random.uniform(rng, logp.shape[:-1] + (1,))                                 # (N, 1)
+    cdf = jnp.cumsum(jnp.exp(logp), axis=-1)                                            # (N, K)
+    # (scaled by the total, which float32 rounding leaves a hair off 1; the min guards u -> 1)
+    return jnp.minimum(jnp.sum(cdf <= u * cdf[..., -1:], axis=-1), logp.shape[-1] - 1)
+
+
 def decode(model, params, ctx, ctx_mask, uncond, uncond_mask, rngs, init_ids=None, steps=24,
            guidance=3.0, temperature=1.0, choice_temperature=4.5, lowres_ids=None):
     """Parallel decoding: fill every [MASK] in `init_ids` in `steps` forward passes.
@@ -648,7 +666,7 @@ def decode(model, params, ctx, ctx_mask, uncond, uncond_mask, rngs, init_ids=Non
                                lowres_ids)
         logp = jax.nn.log_softmax(logits / jnp.maximum(temperature, 1e-6))               # (B, N, K)
         unknown = ids == c.mask_id                                                       # (B, N)
-        sampled = jnp.where(unknown, jax.vmap(jax.random.categorical)(r_sample, logp), ids)  # (B, N)
+        sampled = jnp.where(unknown, jax.vmap(sample_codes)(r_sample, logp), ids)             # (B, N)
         confidence = jnp.take_along_axis(logp, sampled[..., None], axis=-1)[..., 0]      # (B, N)
         gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (c.num_tokens,)))(r_gumbel)     # (B, N)
         confidence += choice_temperature * (1 - ratio) * gumbel

@@ -544,6 +544,31 @@ def _keys(seed, batch=2):
     return jax.random.split(jax.random.PRNGKey(seed), batch)
 
 
+def test_sample_codes_draws_from_the_softmax():
+    # decode's inverse-CDF sampler must draw each code with its softmax probability, never a
+    # code of probability 0, whatever the logits' scale (here: one peaked row, one flat row
+    # with forbidden codes, one row whose probabilities sit near float32's resolution)
+    logits = np.full((3, 8), -np.inf, np.float32)
+    logits[0] = [4.0, 2.0, 1.0, 0.0, -1.0, -2.0, -3.0, -30.0]
+    logits[1, 2:6] = 0.0
+    logits[2] = np.log([1e-6, 0.5 - 1e-6, 0.25, 0.125, 0.0625, 0.03125, 0.03125, 1e-7])
+    logp = jax.nn.log_softmax(jnp.asarray(logits))
+    n = 40_000
+    draws = np.asarray(jax.vmap(muse.sample_codes, in_axes=(0, None))(
+        jax.random.split(jax.random.PRNGKey(0), n), logp))                  # (n, 3)
+    p = np.asarray(jnp.exp(logp))
+    for row in range(3):
+        freq = np.bincount(draws[:, row], minlength=8) / n
+        assert (freq[p[row] == 0] == 0).all()
+        # within 5 standard errors of the binomial, per code
+        np.testing.assert_array_less(np.abs(freq - p[row]), 5 * np.sqrt(p[row] * (1 - p[row]) / n) + 1e-4)
+    # and it is jax.random.categorical's distribution: the two samplers' frequencies agree
+    other = np.asarray(jax.vmap(lambda k: jax.random.categorical(k, logp))(jax.random.split(jax.random.PRNGKey(1), n)))
+    np.testing.assert_allclose(np.bincount(other[:, 0], minlength=8) / n, np.bincount(draws[:, 0], minlength=8) / n,
+                               atol=0.015)
+
+
+
 def test_decode_reveals_each_token_once_and_follows_the_schedule():
     cfg, model, params, ctx, ctx_mask, uncond, umask = _decode_setup()
     steps = 6
