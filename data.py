@@ -15,7 +15,9 @@ Two layouts, the ones real text-image data sets come in:
 And one that train.py writes itself:
   - A token folder (`train.py tokenize`): `tokens.json` + `tokens-PPP-KKKKK.npz` files of
     token ids (and low-res ids) with their captions, so the transformer stages can train
-    without running the tokenizer every step. Read exactly like tar shards.
+    without running the tokenizer every step; with `--text_emb` also the captions' text
+    embeddings (a memory-mapped `.text_emb.npy` per file), so they run no text encoder
+    either. Read exactly like tar shards.
 
 How the records flow, and why:
   - Sharding: process p of P reads only shards p, p + P, p + 2P, ... (an image folder is
@@ -241,11 +243,20 @@ def center_crop(img: Image.Image, resolution: int) -> np.ndarray:
 
 
 def index_tokens(path, counts):
-    """Records of one token file: (key, (arrays, row), caption); arrays = [ids] or [ids, hr_ids]."""
+    """Records of one token file: (key, (arrays, row), caption); arrays = {"ids": (n, N)}, plus
+    "hr_ids" (n, N_hr) and "text_emb" (n, L, Dt) / "text_mask" (n, L) where tokenize wrote them.
+    The embeddings stay on disk, memory-mapped from their .npy: only the rows a batch takes
+    are read."""
     try:
         with np.load(path) as f:
-            arrays = [f["ids"]] + ([f["hr_ids"]] if "hr_ids" in f else [])
+            arrays = {k: f[k] for k in ("ids", "hr_ids", "text_mask") if k in f}
             captions = f["captions"].tolist()
+            if "ids" not in arrays:
+                raise KeyError("ids")
+        if "text_mask" in arrays:
+            arrays["text_emb"] = np.load(path[:-len(".npz")] + ".text_emb.npy", mmap_mode="r")
+            if len(arrays["text_emb"]) != len(captions):
+                raise ValueError(f"{path}: {len(arrays['text_emb'])} text embeddings for {len(captions)} captions")
     except (OSError, ValueError, KeyError):
         counts["unreadable"] += 1
         return []
@@ -271,7 +282,7 @@ class Reader:
 
         reader = Reader(spec, seed, process, num_processes, resolutions, start_record=0)
         images, captions = reader.next_batch(b)   # images: one uint8 (b, S, S, 3) per resolution
-                                                  # (a token folder: [ids (b, N)] or [ids, hr_ids])
+                                                  # (a token folder: {"ids": (b, N), ...}, index_tokens)
 
     `reader.counts` holds the skip counts so far and `reader.epoch` the current epoch.
     A resumed run passes start_record = step * b, and the stream continues exactly where
@@ -361,10 +372,10 @@ class Reader:
         """
         records = [next(self._stream) for _ in range(b)]
         if self.tokens:                          # token ids: nothing to decode
-            # each record is (key, (arrays of its file, its row), caption); arrays = [ids(, hr_ids)]
+            # each record is (key, (arrays of its file, its row), caption); arrays: see index_tokens
             rows = [(arrays, row) for _, (arrays, row), _ in records]
-            per_array = [np.stack([arrays[k][row] for arrays, row in rows])      # (b, N) each
-                         for k in range(len(rows[0][0]))]
+            per_array = {k: np.stack([arrays[k][row] for arrays, row in rows])   # (b, ...) each
+                         for k in rows[0][0]}
             return per_array, [caption for _, _, caption in records]
         decoded = list(self.pool.map(lambda r: decode(r[1], self.resolutions), records))
         good = [i for i, d in enumerate(decoded) if d is not None]

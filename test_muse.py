@@ -1805,3 +1805,42 @@ def test_tokenize_then_train_on_tokens(tmp_path, tiny_vqgan, tiny_vqgan_hr, caps
         _train(tmp_path / "wrong", "base", "--data", str(out), "--vqgan", str(tiny_vqgan_hr), "--steps", "1")
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not made by the --vqgan tokenizer" in err[0], err
+
+
+def test_tokenize_text_embeddings_stand_in_for_the_text_encoder(tmp_path, tiny_vqgan, capsys):
+    # `tokenize --text_emb` stores each caption's embedding, and training on them is training
+    # on what the text encoder would have computed in the step (up to float16 rounding)
+    common = ["--vqgan", str(tiny_vqgan), "--data", "shapes", "--num_examples", "12", "--batch_size", "8",
+              "--text_length", "16"]
+    train.main(["tokenize", *common, "--text_emb", "--out", str(tmp_path / "emb")])
+    train.main(["tokenize", *common, "--out", str(tmp_path / "ids")])
+    made = data.read_manifest(str(tmp_path / "emb"))["t5"]
+    assert made["text_length"] == 16 and "t5" not in data.read_manifest(str(tmp_path / "ids"))
+    emb = np.load(tmp_path / "emb" / "tokens-000-00000.text_emb.npy")
+    with np.load(tmp_path / "emb" / "tokens-000-00000.npz") as f:
+        mask, captions = f["text_mask"], f["captions"].tolist()
+    assert emb.dtype == np.float16 and emb.shape[:2] == mask.shape == (12, 16)
+    # the embeddings of the offline default text encoder of --seed 0, which a run builds too
+    expect_emb, expect_mask = muse.random_t5(muse.T5Config(), seed=0, max_length=16)(captions)
+    np.testing.assert_array_equal(mask, np.asarray(expect_mask))
+    np.testing.assert_allclose(emb.astype(np.float32), np.asarray(expect_emb), rtol=2e-3, atol=2e-3)
+    # the same two steps from the embeddings as from the ids with the text encoder in the step
+    for name in ("emb", "ids"):
+        _train(tmp_path / f"run_{name}", "base", "--data", str(tmp_path / name), "--vqgan", str(tiny_vqgan),
+               "--steps", "3", "--text_length", "16")
+    losses = [[r["loss"] for r in _metrics(tmp_path / f"run_{name}")] for name in ("emb", "ids")]
+    assert len(losses[0]) == 3
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-3)
+    # embeddings of another text encoder (here the default of another seed) are refused in one line
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        _train(tmp_path / "wrong", "base", "--data", str(tmp_path / "emb"), "--vqgan", str(tiny_vqgan),
+               "--steps", "1", "--text_length", "16", "--seed", "1")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1 and "made by another text encoder" in err[0], err
+    # a token file whose embeddings are missing is skipped and counted, like a corrupt shard
+    os.remove(tmp_path / "emb" / "tokens-000-00000.text_emb.npy")
+    reader = data.Reader(str(tmp_path / "emb"), seed=0, process=0, num_processes=1, resolutions=(16,))
+    with pytest.raises(ValueError):
+        reader.next_batch(2)
+    assert reader.counts["unreadable"] == 1

@@ -88,8 +88,8 @@ def host_batch(args, step, resolutions, text_encoder=None, workers=None, reader=
     b = args.batch_size // jax.process_count()
     start = jax.process_index() * b
     if reader is not None and reader.tokens:    # `train.py tokenize` output: token ids, no images
-        arrays, texts = reader.next_batch(b)
-        batch = dict(zip(("ids", "hr_ids"), arrays))  # tokens of --vqgan, and of --vqgan_hr if it was given
+        # ids of --vqgan (+ hr_ids of --vqgan_hr; + text_emb, text_mask if it ran the text encoder)
+        batch, texts = reader.next_batch(b)
     elif reader is not None:
         images, texts = reader.next_batch(b)
         batch = {key: vqgan.from_uint8(x) for key, x in zip(("images", "lowres_images"), images)}
@@ -108,7 +108,7 @@ def host_batch(args, step, resolutions, text_encoder=None, workers=None, reader=
                 rows, texts = np.concatenate([p[0] for p in parts]), sum((p[1] for p in parts), [])
             images.append(rows)
         batch = {key: vqgan.from_uint8(x) for key, x in zip(("images", "lowres_images"), images)}
-    if text_encoder is not None:
+    if text_encoder is not None and "text_emb" not in batch:
         batch["text_ids"], batch["text_mask"] = text_encoder.tokenize(texts)
     batch["captions"] = texts
     return batch
@@ -299,8 +299,8 @@ def setup_transformer(args, config, consts):
 
     def loss_fn(params, consts, batch, rng, step, first):
         # the frozen stages run inside the step, on the device: tokens and text embeddings
-        # (or come pre-computed from a token folder: `train.py tokenize`)
-        b = batch["text_ids"].shape[0]
+        # (or come pre-computed from a token folder: `train.py tokenize [--text_emb]`)
+        b = batch["text_mask"].shape[0]
         if "ids" in batch:
             ids, lowres = (batch["hr_ids"], batch["ids"]) if superres else (batch["ids"], None)      # (b, N), (b, Nlo)
         else:
@@ -309,7 +309,10 @@ def setup_transformer(args, config, consts):
             if superres:
                 lowres = lo_vq.apply({"params": consts["vqgan"]}, batch["lowres_images"],
                                      method="encode").reshape(b, -1)                                 # (b, Nlo)
-        emb = t5.apply({"params": consts["t5"]}, batch["text_ids"], batch["text_mask"])            # (b, L, Dt)
+        if "text_emb" in batch:                                                                    # float16
+            emb = batch["text_emb"].astype(jnp.float32)                                            # (b, L, Dt)
+        else:
+            emb = t5.apply({"params": consts["t5"]}, batch["text_ids"], batch["text_mask"])        # (b, L, Dt)
         loss, acc = muse.masked_token_loss(model, params, ids, emb, batch["text_mask"], consts["empty_emb"],
                                            consts["empty_mask"], example_keys(rng, step, first, b), lowres)
         return loss.mean(), {"loss": loss.mean(), "masked_acc": acc.mean()}
@@ -367,21 +370,25 @@ def new_run(args):
             if key in config and manifest[key]["fingerprint"] != data.fingerprint(consts[key]):
                 fail(f"--data {args.data}: its tokens were not made by the {flag} tokenizer "
                      f"(re-run `train.py tokenize` with it)")
-    if args.text_encoder:                       # a pretrained transformers T5 (folder or hub name)
-        enc = muse.load_t5(args.text_encoder, args.text_length, dtype=args.dtype)
-        os.makedirs(args.workdir, exist_ok=True)
-        enc.tokenizer.save_pretrained(os.path.join(args.workdir, "tokenizer"))
-        config["tokenizer"] = "tokenizer"
-        config["t5"], consts["t5"] = asdict(enc.cfg), enc.params
-    elif args.init:                             # fine-tuning: keep the text encoder the weights learned with
+    if args.init and not args.text_encoder:     # fine-tuning: keep the text encoder the weights learned with
         src = read_checkpoint(args.init)
         if src["config"].get("tokenizer") != "byt5":
             fail(f"--init {args.init}: was trained with a pretrained T5; pass the same --text_encoder")
         config["tokenizer"], config["t5"], consts["t5"] = "byt5", src["config"]["t5"], src["consts"]["t5"]
-    else:                                       # offline default: byte-level ByT5 + small random T5
-        enc = muse.random_t5(muse.T5Config(), seed=args.seed, max_length=args.text_length)
-        config["tokenizer"] = "byt5"
+    else:
+        enc = new_text_encoder(args)
+        if args.text_encoder:                   # its tokenizer files go with the run (sampling reads them)
+            os.makedirs(args.workdir, exist_ok=True)
+            enc.tokenizer.save_pretrained(os.path.join(args.workdir, "tokenizer"))
+        config["tokenizer"] = "tokenizer" if args.text_encoder else "byt5"
         config["t5"], consts["t5"] = asdict(enc.cfg), enc.params
+    if data.is_token_folder(args.data) and "t5" in data.read_manifest(args.data):
+        # stored text embeddings stand in for the text encoder: they must be its own
+        made = data.read_manifest(args.data)["t5"]
+        if made["fingerprint"] != data.fingerprint(consts["t5"]) or made["text_length"] != args.text_length:
+            fail(f"--data {args.data}: its text embeddings were made by another text encoder or --text_length "
+                 f"({made['text_length']}); pass the same --text_encoder (or --seed) and --text_length, "
+                 "or tokenize again")
     cfg = replace(muse.PRESETS[args.preset or "shapes"], codebook_size=out.codebook_size, grid=out.grid,
                   text_dim=config["t5"]["d_model"], text_length=args.text_length, dtype=args.dtype,
                   attention=args.attention)
@@ -392,6 +399,14 @@ def new_run(args):
                  f"of the low-res grid {lo.grid}")
     config["muse"] = asdict(cfg)
     return config, consts
+
+
+def new_text_encoder(args):
+    """The text encoder of a new run, and of `tokenize --text_emb`: --text_encoder's pretrained
+    T5, else the offline default (ByT5's byte tokenizer + a small random T5 of --seed)."""
+    if args.text_encoder:                       # a transformers T5 (folder or hub name)
+        return muse.load_t5(args.text_encoder, args.text_length, dtype=args.dtype)
+    return muse.random_t5(muse.T5Config(), seed=args.seed, max_length=args.text_length)
 
 
 def same_shapes(a, b):
@@ -519,6 +534,14 @@ def tokenize(args):
     fingerprints). `train.py base|superres --data DIR` then trains on the ids and never runs
     a tokenizer: the files are read like tar shards (per-host files, shuffle buffer, exact
     resume), and the run checks that its --vqgan / --vqgan_hr made them.
+
+    With --text_emb it also runs the text encoder once per caption: text_mask bool (n, L) goes
+    into the .npz, the embeddings float16 (n, L, Dt) into tokens-PPP-KKKKK.text_emb.npy beside
+    it (a plain .npy, which the reader memory-maps: at T5-XXL's Dt = 4096 and L = 64 they are
+    0.5 MB per example, too many to hold in memory), and the text encoder's fingerprint into
+    tokens.json. The transformer stages then run no frozen network at all, and check that the
+    run's own text encoder made them (float16: the embeddings are rounded to 3 significant
+    digits, as bfloat16 training would round them anyway).
     """
     if not args.out:
         fail("tokenize: pass --out DIR")
@@ -527,6 +550,7 @@ def tokenize(args):
         tokenizers["vqgan_hr"] = read_tokenizer(args.vqgan_hr, "--vqgan_hr", "")
     models = [(vqgan.VQGAN(vqgan.VQGANConfig(**t["config"]["vqgan"])), t["params"]["vqgan"])
               for t in tokenizers.values()]
+    text_encoder = new_text_encoder(args) if args.text_emb else None
     res = [m.cfg.resolution for m, _ in models]             # (low [, high]) resolution
     p, b = jax.process_index(), args.batch_size // jax.process_count()
     if data.is_real_data(args.data):
@@ -557,9 +581,14 @@ def tokenize(args):
         nonlocal out, files
         if out:
             arrays = {k: np.concatenate([o[k] for o in out]) for k in out[0]}
+            name = os.path.join(args.out, f"tokens-{p:03d}-{files:05d}")
+            if "text_emb" in arrays:            # first: a written .npz always has its embeddings
+                buf = io.BytesIO()
+                np.save(buf, arrays.pop("text_emb"))
+                write_atomically(name + ".text_emb.npy", buf.getvalue())
             buf = io.BytesIO()
             np.savez(buf, **arrays)
-            write_atomically(os.path.join(args.out, f"tokens-{p:03d}-{files:05d}.npz"), buf.getvalue())
+            write_atomically(name + ".npz", buf.getvalue())
             out, files = [], files + 1
 
     for step in tqdm(range(steps), disable=p != 0, desc="tokenize"):
@@ -579,6 +608,9 @@ def tokenize(args):
             captions = rows["captions"][:n]
         ids = [encode(m, params, x) for (m, params), x in zip(models, images)]
         out.append(dict(zip(("ids", "hr_ids"), ids), captions=np.array(captions)))
+        if text_encoder is not None:
+            emb, mask = text_encoder(captions)                                      # (n, L, Dt), (n, L)
+            out[-1].update(text_emb=np.asarray(emb, np.float16), text_mask=np.asarray(mask))
         count += len(captions)
         if sum(len(o["captions"]) for o in out) >= args.shard_size:
             flush()
@@ -588,6 +620,9 @@ def tokenize(args):
     if p == 0:                                  # the manifest last: a folder without it is not read
         manifest = {k: {"config": t["config"]["vqgan"], "fingerprint": data.fingerprint(t["params"]["vqgan"])}
                     for k, t in tokenizers.items()}
+        if text_encoder is not None:
+            manifest["t5"] = {"config": asdict(text_encoder.cfg), "fingerprint": data.fingerprint(text_encoder.params),
+                              "text_length": args.text_length, "text_encoder": args.text_encoder or "byt5"}
         write_atomically(os.path.join(args.out, data.MANIFEST),
                          json.dumps(dict(manifest, data=args.data), indent=1).encode())
     print(f"tokenized {count} examples into {files} files in {args.out}")
@@ -699,7 +734,12 @@ def train(args):
     # part of it), and host arrays in the first call would compile the step a second time
     # (tens of seconds) on the second call.
     rep_state = jax.pmap(lambda x: x, axis_name="batch", devices=devices)(replicate(state, n_dev))
-    rep_consts = replicate(consts, n_dev)
+    # the devices hold only the frozen networks the step runs: no tokenizer when it reads token
+    # ids (a token folder), no T5 when the folder holds the text embeddings too (--text_emb)
+    unused = set()
+    if args.stage != "vqgan" and data.is_token_folder(args.data):
+        unused = {"vqgan", "vqgan_hr"} | ({"t5"} if "t5" in data.read_manifest(args.data) else set())
+    rep_consts = replicate({k: v for k, v in consts.items() if k not in unused}, n_dev)
     rep_rng = replicate(rng, n_dev)
     horizon = lambda: replicate(np.float32(args.decay_steps), n_dev)
     rep_horizon = horizon()
@@ -960,6 +1000,9 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="export: the folder to write the small checkpoint to; "
                                                  "tokenize: the folder to write the token files to")
     p.add_argument("--shard_size", type=int, default=10000, help="tokenize: examples per token file")
+    p.add_argument("--text_emb", action="store_true",
+                   help="tokenize: also store each caption's text embedding (--text_encoder, or the offline "
+                        "default of --seed; --text_length tokens), so training never runs the text encoder")
     p.add_argument("--steps", type=int, default=1000, help="total training steps (including resumed ones)")
     # default None, so that --benchmark can tell a batch asked for from the default
     p.add_argument("--batch_size", type=int, default=None,
