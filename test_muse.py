@@ -18,6 +18,7 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 
 import json
 import re
+import shlex
 import shutil
 import socket
 import tempfile
@@ -1844,3 +1845,25 @@ def test_tokenize_text_embeddings_stand_in_for_the_text_encoder(tmp_path, tiny_v
     with pytest.raises(ValueError):
         reader.next_batch(2)
     assert reader.counts["unreadable"] == 1
+
+
+def test_every_command_in_the_readme_parses():
+    # README's commands are what users copy: every `python train.py|sample.py ...` line in its
+    # code blocks (continuations joined, `;` and `&&` split, `$ ` prompts and comments dropped)
+    # must be accepted by the flag parser as written, so a renamed or removed flag fails here.
+    # Lines with a `...` placeholder are skipped; so are commands only described in prose.
+    text = open(os.path.join(os.path.dirname(__file__), "README.md")).read()
+    commands = []
+    for block in re.findall(r"```\w*\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"^\$ ", "", line.strip())
+            for part in re.split(r";|&&", re.sub(r"\s+#.*$", "", line)):
+                m = re.match(r"(?:/usr/bin/time\s+(?:-f \"[^\"]*\"\s+)?)?python (train|sample)\.py(.*)", part.strip())
+                if m and "..." not in m.group(2):
+                    commands.append((m.group(1), shlex.split(m.group(2))))
+    assert len(commands) >= 25, len(commands)       # the parser found the README's commands
+    for module, argv in commands:
+        try:
+            (train if module == "train" else sample).parse_args(argv)
+        except SystemExit as e:
+            pytest.fail(f"README: `python {module}.py {shlex.join(argv)}` exits {e.code}")
