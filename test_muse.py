@@ -569,7 +569,6 @@ def test_sample_codes_draws_from_the_softmax():
                                atol=0.015)
 
 
-
 def test_decode_reveals_each_token_once_and_follows_the_schedule():
     cfg, model, params, ctx, ctx_mask, uncond, umask = _decode_setup()
     steps = 6
@@ -1825,7 +1824,7 @@ def test_tokenize_text_embeddings_stand_in_for_the_text_encoder(tmp_path, tiny_v
     expect_emb, expect_mask = muse.random_t5(muse.T5Config(), seed=0, max_length=16)(captions)
     np.testing.assert_array_equal(mask, np.asarray(expect_mask))
     np.testing.assert_allclose(emb.astype(np.float32), np.asarray(expect_emb), rtol=2e-3, atol=2e-3)
-    # the same two steps from the embeddings as from the ids with the text encoder in the step
+    # the same three steps from the embeddings as from the ids with the text encoder in the step
     for name in ("emb", "ids"):
         _train(tmp_path / f"run_{name}", "base", "--data", str(tmp_path / name), "--vqgan", str(tiny_vqgan),
                "--steps", "3", "--text_length", "16")

@@ -362,8 +362,8 @@ def new_run(args):
         out = vqgan.VQGANConfig(**config["vqgan_hr"])
         if out.resolution <= lo.resolution:
             fail(f"--vqgan_hr resolution {out.resolution} must exceed the --vqgan resolution {lo.resolution}")
-    if data.is_token_folder(args.data):         # token ids are only valid with the weights that made them
-        manifest = data.read_manifest(args.data)
+    manifest = data.read_manifest(args.data) if data.is_token_folder(args.data) else None
+    if manifest:                                # token ids are only valid with the weights that made them
         if args.stage == "superres" and "vqgan_hr" not in manifest:
             fail(f"--data {args.data}: holds one resolution; super-res needs `train.py tokenize --vqgan_hr`")
         for key, flag in (("vqgan", "--vqgan"), ("vqgan_hr", "--vqgan_hr")):
@@ -382,9 +382,8 @@ def new_run(args):
             enc.tokenizer.save_pretrained(os.path.join(args.workdir, "tokenizer"))
         config["tokenizer"] = "tokenizer" if args.text_encoder else "byt5"
         config["t5"], consts["t5"] = asdict(enc.cfg), enc.params
-    if data.is_token_folder(args.data) and "t5" in data.read_manifest(args.data):
-        # stored text embeddings stand in for the text encoder: they must be its own
-        made = data.read_manifest(args.data)["t5"]
+    if manifest and "t5" in manifest:           # stored text embeddings stand in for the text encoder:
+        made = manifest["t5"]                   # they must be its own
         if made["fingerprint"] != data.fingerprint(consts["t5"]) or made["text_length"] != args.text_length:
             fail(f"--data {args.data}: its text embeddings were made by another text encoder or --text_length "
                  f"({made['text_length']}); pass the same --text_encoder (or --seed) and --text_length, "
