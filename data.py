@@ -1,4 +1,5 @@
-"""Real image-caption data for train.py: WebDataset tar shards and Hugging Face-style image folders.
+"""Data on disk: real image-caption data for train.py (WebDataset tar shards, Hugging Face-style
+image folders), the token folders that `train.py tokenize` writes and train.py reads, and PNG grids.
 
     python train.py vqgan --data 'cc3m/{00000..00331}.tar' --workdir runs/vq ...   # img2dataset's output
     python train.py base  --data my_folder --vqgan runs/vq ...                      # my_folder/metadata.jsonl
@@ -12,7 +13,7 @@ Two layouts, the ones real text-image data sets come in:
     Python's `tarfile`: no extra dependency.
   - An image folder with `metadata.jsonl`: one `{"file_name": ..., "text": ...}` per line,
     file names relative to the folder (the Hugging Face `imagefolder` convention).
-And one that train.py writes itself:
+And one that train.py writes itself (`tokenize`, at the end of this file):
   - A token folder (`train.py tokenize`): `tokens.json` + `tokens-PPP-KKKKK.npz` files of
     token ids (and low-res ids) with their captions, so the transformer stages can train
     without running the tokenizer every step; with `--text_emb` also the captions' text
@@ -49,15 +50,23 @@ import glob
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import sys
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 
 import numpy as np
+import jax
 from flax import traverse_util
+from jax.experimental import multihost_utils
 from PIL import Image
+from tqdm import tqdm
+
+import vqgan
+from checkpoint import write_atomically
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 SKIP_KINDS = ("corrupt", "incomplete", "truncated", "unreadable")
@@ -398,3 +407,96 @@ class Reader:
         images = [np.stack([decoded[i][k] for i in rows]) for k in range(len(self.resolutions))]
         self._previous = images, [records[i][2] for i in rows]
         return self._previous
+
+
+# -----------------------------------------------------------------------------
+# Writing a token folder: `train.py tokenize`
+# -----------------------------------------------------------------------------
+
+def tokenize(out, batches, tokenizers, rows, text_encoder=None, text_encoder_name=None, shard_size=10000,
+             source="", total=None):
+    """Runs the frozen tokenizer(s) over `batches` once and writes the token folder `out`.
+
+    batches: this process's examples, each item (images, captions): one float array
+    (n, S, S, 3) in [-1, 1] per tokenizer, at its resolution, and the n captions.
+    tokenizers: {"vqgan": (model, params, config)} (+ "vqgan_hr": the high-res one); rows:
+    the most examples of one item (every batch is padded to it: one shape, one compile).
+    Writes out/tokens-PPP-KKKKK.npz (process P's K-th file of up to `shard_size` examples:
+    ids int32 (n, N) of vqgan; with vqgan_hr also hr_ids (n, N_hr) of the same images;
+    captions (n,)) and, last, out/tokens.json (the tokenizers' configs and weight
+    fingerprints, and `source`, the data they were made from): a folder without its
+    manifest is not read. `train.py base|superres --data out` then trains on the ids and
+    never runs a tokenizer, and checks that its --vqgan / --vqgan_hr made them.
+
+    With a text encoder it also encodes each caption once: text_mask bool (n, L) goes into
+    the .npz, the embeddings float16 (n, L, Dt) into tokens-PPP-KKKKK.text_emb.npy beside it
+    (a plain .npy, which Reader memory-maps: at T5-XXL's Dt = 4096 and L = 64 they are
+    0.5 MB per example, too many to hold in memory), and the encoder's fingerprint into
+    tokens.json. The transformer stages then run no frozen network at all (float16: the
+    embeddings are rounded to 3 significant digits, as bfloat16 training would round them
+    anyway). total: how many items `batches` yields (the progress bar's length). Returns
+    (examples, files) written by this process.
+    """
+    p = jax.process_index()
+    os.makedirs(out, exist_ok=True)
+    if glob.glob(os.path.join(out, "tokens-*.npz")) or os.path.exists(os.path.join(out, MANIFEST)):
+        # a token folder is read as every tokens-*.npz in it: old files would be trained on too
+        raise ValueError(f"tokenize: {out} already holds token files; choose an empty --out")
+    if jax.process_count() > 1:                 # every host has looked before any host writes
+        multihost_utils.sync_global_devices("tokenize: --out checked")
+    pending, files, count = [], 0, 0
+
+    def flush():
+        nonlocal pending, files
+        if pending:
+            arrays = {k: np.concatenate([o[k] for o in pending]) for k in pending[0]}
+            name = os.path.join(out, f"tokens-{p:03d}-{files:05d}")
+            if "text_emb" in arrays:            # first: a written .npz always has its embeddings
+                buf = io.BytesIO()
+                np.save(buf, arrays.pop("text_emb"))
+                write_atomically(name + ".text_emb.npy", buf.getvalue())
+            buf = io.BytesIO()
+            np.savez(buf, **arrays)
+            write_atomically(name + ".npz", buf.getvalue())
+            pending, files = [], files + 1
+
+    for images, captions in tqdm(batches, total=total, disable=p != 0, desc="tokenize"):
+        n = len(captions)
+        pad = lambda x: np.concatenate([x, np.repeat(x[-1:], rows - n, 0)])                 # (rows, S, S, 3)
+        ids = [np.asarray(vqgan.encode_jit(model, params, pad(x))).reshape(rows, -1)[:n].astype(np.int32)
+               for (model, params, _), x in zip(tokenizers.values(), images)]               # (n, N) each
+        pending.append(dict(zip(("ids", "hr_ids"), ids), captions=np.array(captions)))
+        if text_encoder is not None:
+            emb, mask = text_encoder(captions)                                      # (n, L, Dt), (n, L)
+            pending[-1].update(text_emb=np.asarray(emb, np.float16), text_mask=np.asarray(mask))
+        count += len(captions)
+        if sum(len(o["captions"]) for o in pending) >= shard_size:
+            flush()
+    flush()
+    if jax.process_count() > 1:                 # every host's files are written before the manifest
+        multihost_utils.sync_global_devices("tokenize: files written")
+    if p == 0:                                  # the manifest last: a folder without it is not read
+        manifest = {k: {"config": config, "fingerprint": fingerprint(params)}
+                    for k, (_, params, config) in tokenizers.items()}
+        if text_encoder is not None:
+            manifest["t5"] = {"config": asdict(text_encoder.cfg), "fingerprint": fingerprint(text_encoder.params),
+                              "text_length": text_encoder.max_length, "text_encoder": text_encoder_name}
+        write_atomically(os.path.join(out, MANIFEST), json.dumps(dict(manifest, data=source), indent=1).encode())
+    return count, files
+
+
+# -----------------------------------------------------------------------------
+# Writing images: sample grids
+# -----------------------------------------------------------------------------
+
+def save_grid(images, path, cols):
+    """uint8 (n, S, S, 3) -> one PNG with the images in rows of `cols`."""
+    n, S = images.shape[0], images.shape[1]
+    cols = min(cols, n)
+    rows = math.ceil(n / cols)
+    grid = np.full((rows * S, cols * S, 3), 255, np.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, cols)
+        grid[r * S:(r + 1) * S, c * S:(c + 1) * S] = img
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(grid).save(path)

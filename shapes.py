@@ -159,7 +159,7 @@ def held_out(template: int, objects: list[dict], holdout) -> bool:
 
     holdout: pairs such as {"purple triangle", "yellow square"}. Only template 4 (two
     objects in a relation) is held out, so the model still sees these objects on their
-    own and must compose them into relations it never saw (issue 4's generalisation check).
+    own and must compose them into relations it never saw (a check of generalisation).
     """
     return template == 4 and any(f"{o['color']} {o['shape']}" in holdout for o in objects)
 

@@ -34,6 +34,9 @@ import pytest
 from flax import serialization
 from PIL import Image
 
+import bench
+import checkpoint
+import evaluate
 import muse
 import sample
 import shapes
@@ -369,7 +372,7 @@ def test_a_pretrained_t5_trains_exports_and_samples(tmp_path, tiny_vqgan):
     _train(tmp_path / "run", "base", "--vqgan", str(tiny_vqgan), "--text_encoder", str(tmp_path / "t5"),
            "--text_length", "16", "--steps", "2")
     train.main(["export", "--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "exported")])
-    stage = sample.load_stage(str(tmp_path / "exported"), "base")
+    stage = checkpoint.load_stage(str(tmp_path / "exported"), "base")
     emb, mask = stage.text_encoder(["a red circle", ""])
     ref, ref_mask = muse.load_t5(str(tmp_path / "t5"), max_length=16)(["a red circle", ""])
     np.testing.assert_array_equal(mask, ref_mask)
@@ -442,10 +445,10 @@ def test_transformer_flops_match_xlas_count(lowres):
     params = model.init(jax.random.PRNGKey(0), ids, ctx, ctx_mask, lo)["params"]
     cost = jax.jit(model.apply).lower({"params": params}, ids, ctx, ctx_mask, lo).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost     # older jax: one dict per program
-    ours = muse.transformer_flops(cfg, B, L)
+    ours = bench.transformer_flops(cfg, B, L)
     assert 0.85 < ours / cost["flops"] <= 1.0, (ours, cost["flops"])
     # linear in the batch
-    assert muse.transformer_flops(cfg, 2 * B, L) == 2 * ours
+    assert bench.transformer_flops(cfg, 2 * B, L) == 2 * ours
 
 
 def test_bfloat16_forward_matches_float32_and_keeps_float32_params():
@@ -660,7 +663,7 @@ def test_guidance_in_slices_of_rows_gives_the_same_logits(monkeypatch, lowres):
 
 
 # =============================================================================
-# train.py: pmap training, checkpoints, resume, overfitting; sample.py: the CLI
+# train.py: pmap training, checkpoints, resume, overfitting; sample.py, evaluate.py, bench.py: the CLIs
 # =============================================================================
 
 TINY = ["--preset", "tiny", "--batch_size", "8", "--warmup", "2", "--log_every", "1", "--sample_every", "0"]
@@ -688,7 +691,7 @@ def test_vqgan_stage_writes_metrics_checkpoint_and_samples(tiny_vqgan):
     assert [r["step"] for r in rows] == list(range(1, 7))
     for key in ("loss", "lr", "images_per_sec", "rec_loss", "perplexity", "codebook_usage"):
         assert all(np.isfinite(r[key]) for r in rows), key
-    ckpt = sample.read_checkpoint(str(tiny_vqgan))
+    ckpt = checkpoint.read_checkpoint(str(tiny_vqgan))
     assert ckpt["config"]["stage"] == "vqgan" and int(ckpt["step"]) == 6
     assert set(ckpt["params"]) == {"vqgan", "disc"} and "opt_state" in ckpt
     assert os.path.exists(os.path.join(tiny_vqgan, "samples", "000006.png"))
@@ -706,7 +709,7 @@ def test_adversarial_vqgan_training_switches_on_at_disc_start(tmp_path):
            "--weight_decay", "0")
     assert all(r["d_loss"] == 0.0 for r in _metrics(tmp_path / "late"))
     # same seed, same init: only the run whose discriminator trained has moved it
-    adv, late = (sample.read_checkpoint(str(tmp_path / d))["params"]["disc"] for d in ("adv", "late"))
+    adv, late = (checkpoint.read_checkpoint(str(tmp_path / d))["params"]["disc"] for d in ("adv", "late"))
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(adv), jax.tree.leaves(late)))
 
 
@@ -726,7 +729,7 @@ def test_checkpoint_round_trip_and_exact_resume(tmp_path, tiny_vqgan):
     base = ["--vqgan", str(tiny_vqgan), "--decay_steps", "10"]
     straight = _train(tmp_path / "a", "base", *base, "--steps", "10")
     _train(tmp_path / "b", "base", *base, "--steps", "5")
-    ckpt = sample.read_checkpoint(str(tmp_path / "b"))
+    ckpt = checkpoint.read_checkpoint(str(tmp_path / "b"))
     assert int(ckpt["step"]) == 5 and ckpt["config"]["train"]["decay_steps"] == 10
     # as if the run had gone on past its checkpoint and been killed mid-line: the resume
     # drops those rows (they are trained and logged again) and the torn line
@@ -741,7 +744,7 @@ def test_checkpoint_round_trip_and_exact_resume(tmp_path, tiny_vqgan):
     np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-6)
     for x, y in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
         np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
-    final = sample.read_checkpoint(str(tmp_path / "b"))
+    final = checkpoint.read_checkpoint(str(tmp_path / "b"))
     for x, y in zip(jax.tree.leaves(final["params"]), jax.tree.leaves(resumed["params"])):
         np.testing.assert_array_equal(x, y)
 
@@ -786,7 +789,7 @@ def test_two_hosts_train_as_one_host_and_resume_on_one(tmp_path, tiny_vqgan):
     # the other waiting in the gradient all-reduce, and _hosts would time out). How many
     # steps fit depends on the machine's load, so only the agreement is checked.
     _hosts(tmp_path / "timed", tiny_vqgan, "--steps", "100000", "--time_limit", "25")
-    step = int(sample.read_checkpoint(str(tmp_path / "timed"))["step"])
+    step = int(checkpoint.read_checkpoint(str(tmp_path / "timed"))["step"])
     assert [r["step"] for r in _metrics(tmp_path / "timed")] == list(range(1, step + 1))
     assert 1 < step < 100000
 
@@ -826,7 +829,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     assert e.value.code == 1
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "loss is nan at step 3" in err[0] and "(step 2)" in err[0], err
-    assert int(sample.read_checkpoint(str(tmp_path))["step"]) == 2
+    assert int(checkpoint.read_checkpoint(str(tmp_path))["step"]) == 2
 
 
 @pytest.fixture(scope="module")
@@ -845,7 +848,7 @@ def test_a_cudnn_trained_model_samples_with_xla_attention_off_a_gpu(tiny_base, t
     config["muse"]["attention"] = "cudnn"
     raw["config"] = json.dumps(config)
     (tmp_path / "checkpoint.msgpack").write_bytes(serialization.msgpack_serialize(raw))
-    stage = sample.load_stage(str(tmp_path), "base")
+    stage = checkpoint.load_stage(str(tmp_path), "base")
     expected = "cudnn" if jax.default_backend() == "gpu" else "xla"
     assert stage.model.cfg.attention == expected
     cfg = stage.model.cfg
@@ -864,7 +867,7 @@ def test_holdout_keeps_pairs_out_of_relations_only():
     # the held-out objects still appear on their own
     assert any("purple triangle" in c for c in others) and any("yellow square" in c for c in others)
     # and the held-out relations are what the evaluation scores separately
-    prompts = sample.evaluation_prompts(10, 0, holdout)
+    prompts = evaluate.evaluation_prompts(10, 0, holdout)
     held = [c for g, c, _ in prompts if g == "held-out"]
     assert len(held) == 2 and all(any(h in c for h in holdout) for c in held)
     assert sorted(g for g, _, _ in prompts if g != "held-out") == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
@@ -893,7 +896,7 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth():
 def test_time_limit_fits_the_run_and_its_schedule(tmp_path, tiny_vqgan):
     # (20 s of wall time, the compile included: the step is the tiny base model's of other tests)
     _train(tmp_path, "base", "--vqgan", str(tiny_vqgan), "--steps", "100000", "--time_limit", "20")
-    ckpt = sample.read_checkpoint(str(tmp_path))
+    ckpt = checkpoint.read_checkpoint(str(tmp_path))
     step = int(ckpt["step"])
     assert 20 <= step < 100000
     # the cosine horizon was fitted to the measured speed and stored, so a resume follows it
@@ -906,8 +909,8 @@ def test_init_starts_a_tokenizer_from_another_resolution(tmp_path, tiny_vqgan, c
     # first step leaves them exactly as loaded
     train.main(["vqgan", "--workdir", str(tmp_path / "hr"), *TINY, "--preset", "tiny_hr", "--steps", "1",
                 "--lr", "0", "--init", str(tiny_vqgan)])
-    got = sample.read_checkpoint(str(tmp_path / "hr"))["params"]["vqgan"]
-    want = sample.read_checkpoint(str(tiny_vqgan))["params"]["vqgan"]
+    got = checkpoint.read_checkpoint(str(tmp_path / "hr"))["params"]["vqgan"]
+    want = checkpoint.read_checkpoint(str(tiny_vqgan))["params"]["vqgan"]
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(SystemExit):
@@ -923,7 +926,7 @@ def test_export_writes_a_small_float16_checkpoint_that_samples(tmp_path, tiny_ba
     with open(small, "rb") as f:
         raw = serialization.msgpack_restore(f.read())
     assert "opt_state" not in raw and {x.dtype for x in jax.tree.leaves(raw["params"])} == {np.dtype(np.float16)}
-    exported, original = sample.read_checkpoint(str(small)), sample.read_checkpoint(str(tiny_base))
+    exported, original = checkpoint.read_checkpoint(str(small)), checkpoint.read_checkpoint(str(tiny_base))
     for a, b in zip(jax.tree.leaves(exported["params"]), jax.tree.leaves(original["params"])):
         assert a.dtype == np.float32
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
@@ -935,7 +938,7 @@ def test_export_writes_a_small_float16_checkpoint_that_samples(tmp_path, tiny_ba
 def test_the_demo_recipe_names_presets_that_exist_and_the_cpus_are_cheaper():
     # scripts/train_demo.sh picks a preset per stage and mode; a typo there would only show
     # an hour into a CPU run. The CPU's transformers exist to see more images in the same
-    # time (README, "How it was trained"), so they must cost less per image than the GPU's.
+    # time (docs/results.md, "The CPU recipe"), so they must cost less per image than the GPU's.
     script = open(os.path.join(os.path.dirname(__file__), "scripts", "train_demo.sh")).read()
     modes = dict(re.findall(r"^  (gpu|cpu|test)\)(.*);;$", script, re.M))
     assert set(modes) == {"gpu", "cpu", "test"}
@@ -945,25 +948,25 @@ def test_the_demo_recipe_names_presets_that_exist_and_the_cpus_are_cheaper():
         assert not muse.PRESETS[stages["base"]].lowres_aligned and muse.PRESETS[stages["sr"]].lowres_aligned
     tokenizers = set(re.findall(r"vqgan --workdir \S+ --preset (\w+)", script))
     assert tokenizers == {"shapes", "shapes_hr"} and tokenizers <= set(vqgan.PRESETS)
-    per_image = lambda name: muse.transformer_flops(muse.PRESETS[name], 1, 64)
+    per_image = lambda name: bench.transformer_flops(muse.PRESETS[name], 1, 64)
     for stage in ("base", "sr"):
         assert per_image(preset["cpu"][stage]) < per_image(preset["gpu"][stage]) / 1.8
 
 
 def test_the_shipped_demo_draws_64px_images_by_default(tmp_path):
     # what a fresh clone runs: no --checkpoint; the default pipeline is base + super-res
-    base, sr = sample.load_pipeline(sample.DEFAULT_CHECKPOINT)
+    base, sr = checkpoint.load_pipeline(sample.DEFAULT_CHECKPOINT)
     assert sr is not None and sr.vq.cfg.resolution >= 64 > base.vq.cfg.resolution
     sizes = sum(os.path.getsize(os.path.join(sample.DEFAULT_CHECKPOINT, s, "checkpoint.msgpack"))
                 for s in ("base", "superres"))
-    assert sizes < 40e6                                         # issue 4: under 40 MB together
+    assert sizes < 40e6                                         # the demo ships in under 40 MB
     sample.main(["a red circle", "--out", str(tmp_path / "demo.png"), "--steps", "4", "--sr_steps", "2"])
     assert Image.open(tmp_path / "demo.png").size == (sr.vq.cfg.resolution,) * 2
 
 
 def test_evaluate_scores_renders_reconstructions_and_samples(tmp_path, tiny_base, capsys):
-    sample.main(["--evaluate", "shapes", "--checkpoint", str(tiny_base), "--num", "5", "--steps", "2",
-                 "--batch_size", "3", "--outdir", str(tmp_path)])
+    evaluate.main(["shapes", "--checkpoint", str(tiny_base), "--num", "5", "--steps", "2",
+                   "--batch_size", "3", "--outdir", str(tmp_path)])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["prompts"] == 5 and set(out) >= {"renders", "reconstructions", "generated", "tokenizer_l1"}
     for row in ("renders", "reconstructions", "generated"):
@@ -978,16 +981,32 @@ def test_evaluate_scores_renders_reconstructions_and_samples(tmp_path, tiny_base
 
 
 def test_evaluate_scores_the_superres_stage_alone(tmp_path, tiny_base, tiny_superres, capsys):
-    sample.main(["--evaluate", "shapes", "--checkpoint", str(tiny_base), "--superres", str(tiny_superres),
-                 "--num", "5", "--steps", "2", "--sr_steps", "2", "--batch_size", "3"])
+    evaluate.main(["shapes", "--checkpoint", str(tiny_base), "--superres", str(tiny_superres),
+                   "--num", "5", "--steps", "2", "--sr_steps", "2", "--batch_size", "3"])
     lines = capsys.readouterr().out.strip().splitlines()
     out = json.loads(lines[-1])
     rows = ("renders", "reconstructions", "super-res only", "generated")
     assert all(any(line.startswith(r) for line in lines) for r in rows)   # printed, twice: scores, failures
     for row in rows:
-        assert 0 <= out[row]["overall"] <= 1 and set(out["failures"][row]) == set(sample.FAILURE_KINDS)
+        assert 0 <= out[row]["overall"] <= 1 and set(out["failures"][row]) == set(evaluate.FAILURE_KINDS)
         assert sum(out["failures"][row].values()) == round(5 * (1 - out[row]["overall"]))   # no held-out here
-    assert out["failures"]["renders"] == dict.fromkeys(sample.FAILURE_KINDS, 0)
+    assert out["failures"]["renders"] == dict.fromkeys(evaluate.FAILURE_KINDS, 0)
+
+
+def test_sampling_prints_only_what_the_user_needs(tmp_path):
+    """`python sample.py "..."` prints the path it wrote and nothing else, also where PyTorch is
+    absent (transformers, imported for the tokenizer, would warn about that on every call)."""
+    no_torch = (f"import importlib.util, runpy, sys; sys.path.insert(0, {HERE!r})\n"
+                "find = importlib.util.find_spec\n"
+                "importlib.util.find_spec = lambda name, *a, **k: None if name.split('.')[0] == 'torch' "
+                "else find(name, *a, **k)\n"
+                f"sys.argv = ['sample.py', 'a red circle', '--out', {str(tmp_path / 'o.png')!r}, '--steps', '2', "
+                "'--sr_steps', '2']\n"
+                f"runpy.run_path({os.path.join(HERE, 'sample.py')!r}, run_name='__main__')\n")
+    r = subprocess.run([sys.executable, "-c", no_torch], capture_output=True, text=True, cwd=tmp_path,
+                       env=dict(os.environ, XLA_FLAGS=""))
+    assert r.returncode == 0, r.stderr
+    assert (r.stdout, r.stderr) == (f"wrote {tmp_path / 'o.png'}\n", ""), (r.stdout, r.stderr)
 
 
 def test_sample_cli_writes_images(tmp_path, tiny_base):
@@ -1004,24 +1023,24 @@ def test_sample_cli_writes_images(tmp_path, tiny_base):
 
 
 def test_sample_benchmark_reports_its_figures():
-    out = sample.benchmark("tiny", batch=2, steps=3, repeats=1)
+    out = bench.sample_speed("tiny", batch=2, steps=3, repeats=1)
     for key in ("images_per_sec", "ms_per_step", "ms_per_forward", "steps", "loop_overhead", "compile_s"):
         assert key in out and np.isfinite(out[key]), key
     assert out["steps"] == 3 and out["ms_per_step"] > 0
 
 
 def test_sample_benchmark_reports_flops_against_the_peak():
-    out = sample.benchmark("tiny", batch=2, steps=3, repeats=1, dtype="bfloat16")
+    out = bench.sample_speed("tiny", batch=2, steps=3, repeats=1, dtype="bfloat16")
     cfg = muse.PRESETS["tiny"]
     assert out["dtype"] == "bfloat16"
-    assert out["gflop_per_step"] == pytest.approx(muse.transformer_flops(cfg, 4, 32) / 1e9)   # doubled batch
+    assert out["gflop_per_step"] == pytest.approx(bench.transformer_flops(cfg, 4, 32) / 1e9)   # doubled batch
     assert out["gflop_per_batch"] == pytest.approx(3 * out["gflop_per_step"])
     assert out["mfu"] == pytest.approx(out["achieved_tflops"] / out["peak_tflops"])
     assert out["peak_tflops"] > 0 and out["achieved_tflops"] > 0
 
 
 def test_train_benchmark_prints_one_json_line(capsys):
-    train.main(["base", "--benchmark", "tiny", "--batch_size", "2", "--text_length", "8", "--bench_steps", "2",
+    bench.main(["train", "tiny", "--batch_size", "2", "--text_length", "8", "--bench_steps", "2",
                 "--dtype", "bfloat16"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1
@@ -1033,7 +1052,7 @@ def test_train_benchmark_prints_one_json_line(capsys):
     for key in ("backend", "device_kind", "devices"):
         assert key in out, key
     cfg = muse.PRESETS["tiny"]
-    assert out["gflop_per_step"] == pytest.approx(3 * muse.transformer_flops(cfg, 2, 8) / 1e9)
+    assert out["gflop_per_step"] == pytest.approx(3 * bench.transformer_flops(cfg, 2, 8) / 1e9)
     assert out["mfu"] == pytest.approx(out["achieved_tflops"] / out["peak_tflops"])
     assert out["tokens_per_sec"] == pytest.approx(out["images_per_sec"] * cfg.num_tokens)
     assert out["grad_accum"] == 1
@@ -1042,42 +1061,45 @@ def test_train_benchmark_prints_one_json_line(capsys):
     if jax.default_backend() == "cpu":
         losses = {}
         for extra, k in (([], 2), (["--grad_accum", "1"], 1)):
-            train.main(["base", "--benchmark", "tiny", "--batch_size", "64", "--text_length", "8",
-                        "--bench_steps", "1", *extra])
+            bench.main(["train", "tiny", "--batch_size", "64", "--text_length", "8", "--bench_steps", "1", *extra])
             out = json.loads(capsys.readouterr().out)
             assert out["grad_accum"] == k
             losses[k] = out["loss"]
         # the same three updates either way (each example keeps its own key in its micro-batch)
         assert losses[2] == pytest.approx(losses[1], rel=1e-4)
     # an explicit peak replaces the measured one, in either unit
-    train.main(["base", "--benchmark", "tiny", "--batch_size", "2", "--text_length", "8", "--bench_steps", "1",
+    bench.main(["train", "tiny", "--batch_size", "2", "--text_length", "8", "--bench_steps", "1",
                 "--peak_gflops", "500"])
     assert json.loads(capsys.readouterr().out)["peak_tflops"] == pytest.approx(0.5)
 
 
 def test_train_benchmark_defaults_and_errors(capsys):
-    args = train.parse_args(["base", "--benchmark", "small"])
-    assert (args.batch_size, args.text_length, args.workdir) == (8, 32, None)
-    assert train.parse_args(["base", "--benchmark", "large"]).batch_size == 16
-    assert train.parse_args(["base", "--benchmark", "base", "--batch_size", "4"]).batch_size == 4
+    args = bench.parse_args(["train", "small"])
+    assert (args.batch_size, args.text_length) == (8, 32)
+    assert bench.parse_args(["train", "large"]).batch_size == 16
+    assert bench.parse_args(["train", "base", "--batch_size", "4"]).batch_size == 4
+    assert bench.parse_args(["train"]).preset == bench.parse_args(["sample"]).preset == "small"
     args = train.parse_args(["base", "--workdir", "w"])         # training keeps its defaults
     assert (args.batch_size, args.text_length) == (64, 64)
-    for argv, message in ((["base"], "--workdir"), (["vqgan", "--benchmark", "tiny"], "base model"),
-                          (["base", "--benchmark", "tiny", "--peak_tflops", "1", "--peak_gflops", "1"], "not both"),
-                          (["base", "--benchmark", "tiny", "--attention", "cudnn"], "--dtype bfloat16"),
-                          (["base", "--workdir", "w", "--profile", "p"], "goes with --benchmark"),
+    parse = lambda argv: (train if argv[0] in ("base", "vqgan") else bench).parse_args(argv)
+    for argv, message in ((["base"], "--workdir"),
+                          (["base", "--benchmark", "tiny"], "moved to bench.py: run `python bench.py train PRESET`"),
+                          (["train", "tiny", "--peak_tflops", "1", "--peak_gflops", "1"], "not both"),
+                          (["train", "tiny", "--attention", "cudnn"], "--dtype bfloat16"),
                           (["base", "--workdir", "w", "--grad_accum", "-1"], "--grad_accum"),
-                          (["base", "--benchmark", "tiny", "--batch_size", "6", "--grad_accum", "4"],
-                           "multiple of --grad_accum")):
+                          (["train", "tiny", "--grad_accum", "-1"], "--grad_accum"),
+                          (["train", "tiny", "--batch_size", "6", "--grad_accum", "4"], "multiple of --grad_accum"),
+                          (["train", "nosuchpreset"], "invalid choice"),
+                          (["sample", "tiny", "--steps", "0"], "at least 1")):
         with pytest.raises(SystemExit) as e:
-            train.parse_args(argv)
+            parse(argv)
         assert e.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
     # cuDNN's attention where there is no GPU: one line, not XLA's trace
     if jax.default_backend() != "gpu":
         with pytest.raises(SystemExit) as e:
-            train.main(["base", "--benchmark", "tiny", "--attention", "cudnn", "--dtype", "bfloat16"])
+            bench.main(["train", "tiny", "--attention", "cudnn", "--dtype", "bfloat16"])
         assert e.value.code == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "needs an NVIDIA GPU" in err[0], err
@@ -1085,7 +1107,7 @@ def test_train_benchmark_defaults_and_errors(capsys):
 
 def test_train_benchmark_profile_says_where_the_time_goes(tmp_path, capsys):
     """--profile: the traced steps' device time, by kind of op, adds up and is mostly the step."""
-    train.main(["base", "--benchmark", "small", "--bench_steps", "2", "--profile", str(tmp_path)])
+    bench.main(["train", "small", "--bench_steps", "2", "--profile", str(tmp_path)])
     out = json.loads(capsys.readouterr().out)
     profile = out["profile"]
     kinds = {k: v for k, v in profile.items() if k != "total"}
@@ -1100,14 +1122,14 @@ def test_train_benchmark_profile_says_where_the_time_goes(tmp_path, capsys):
     # categories read the HLO op, not the metadata that names every transform of the step
     line = ('%fusion.3 = f32[8,64]{1,0} fusion(%a, %b), kind=kLoop, calls=%c, '
             'metadata={op_name="jit(train_step)/transpose(jvp(MaskedTransformer))/block_0/mul"}')
-    assert sample.op_category(line).startswith("elementwise")
-    assert sample.op_category('%custom-call.1 = bf16[8,8] custom-call(%a), custom_call_target="__cublas$gemm"') == "matmul"
-    assert sample.op_category("command_buffer_1").startswith("CUDA graph")
+    assert bench.op_category(line).startswith("elementwise")
+    assert bench.op_category('%custom-call.1 = bf16[8,8] custom-call(%a), custom_call_target="__cublas$gemm"') == "matmul"
+    assert bench.op_category("command_buffer_1").startswith("CUDA graph")
 
 
 def test_sample_benchmark_profile_says_where_the_time_goes(tmp_path, capsys):
-    """sample.py --benchmark --profile: one traced decode, per decoding step, by kind of op."""
-    sample.main(["--benchmark", "small", "--profile", str(tmp_path)])
+    """bench.py sample --profile: one traced decode, per decoding step, by kind of op."""
+    bench.main(["sample", "small", "--profile", str(tmp_path)])
     out = json.loads(capsys.readouterr().out)
     profile = out["profile"]
     kinds = {k: v for k, v in profile.items() if k != "total"}
@@ -1122,7 +1144,8 @@ def test_sample_benchmark_profile_says_where_the_time_goes(tmp_path, capsys):
     (["   "], 2, "the prompt is empty"),
     (["a red circle", "--bogus"], 2, "unrecognized arguments: --bogus"),
     (["--prompts-file", "x.txt"], 2, "--prompts-file needs --outdir"),
-    (["a red circle", "--profile", "p"], 2, "--profile goes with --benchmark"),
+    (["--evaluate", "shapes", "--num", "5"], 2, "--evaluate moved: run `python evaluate.py shapes ...`"),
+    (["--benchmark", "small"], 2, "--benchmark moved: run `python bench.py sample PRESET`"),
 ])
 def test_sample_cli_errors(argv, code, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -1162,6 +1185,9 @@ def test_train_cli_errors(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,code,message", [
     (["sample.py", "--steps", "x"], 2, "invalid int value"),
+    (["evaluate.py", "shapes", "--num", "0"], 2, "at least 1"),
+    (["evaluate.py", "fid"], 2, "invalid choice: 'fid'"),
+    (["bench.py", "train", "tiny", "--bench_steps", "0"], 2, "at least 1"),
     # no coordinator, and no TPU, SLURM or MPI to find one from
     (["train.py", "base", "--workdir", "w", "--multihost", "--num_processes", "2", "--process_id", "0"], 1,
      "jax.distributed.initialize failed"),
@@ -1205,7 +1231,7 @@ def test_grad_accum_gives_the_same_training_as_one_big_batch(tmp_path, tiny_vqga
     for a, b in zip(runs[1], runs[2]):
         assert a["step"] == b["step"]
         np.testing.assert_allclose([a["loss"], a["masked_acc"]], [b["loss"], b["masked_acc"]], rtol=1e-4)
-    p1, p2 = (sample.read_checkpoint(str(tmp_path / f"k{k}"))["params"] for k in (1, 2))
+    p1, p2 = (checkpoint.read_checkpoint(str(tmp_path / f"k{k}"))["params"] for k in (1, 2))
     for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
         np.testing.assert_allclose(x, y, atol=1e-5)
 
@@ -1221,7 +1247,7 @@ def test_training_on_a_cpu_splits_big_batches_into_micro_batches(tmp_path, tiny_
 
 def test_bfloat16_training_keeps_float32_weights(tmp_path, tiny_vqgan):
     _train(tmp_path, "base", "--vqgan", str(tiny_vqgan), "--steps", "2", "--dtype", "bfloat16")
-    ckpt = sample.read_checkpoint(str(tmp_path))
+    ckpt = checkpoint.read_checkpoint(str(tmp_path))
     assert ckpt["config"]["muse"]["dtype"] == "bfloat16"
     assert {x.dtype for x in jax.tree.leaves(ckpt["params"])} == {np.dtype("float32")}
     assert all(np.isfinite(r["loss"]) for r in _metrics(tmp_path))
@@ -1266,7 +1292,7 @@ def test_superres_stage_overfits_and_writes_samples(tiny_superres):
     first = np.mean([r["loss"] for r in rows[:5]])
     last = np.mean([r["loss"] for r in rows[-10:]])
     assert last < 0.4 * first, (first, last)
-    ckpt = sample.read_checkpoint(str(tiny_superres))
+    ckpt = checkpoint.read_checkpoint(str(tiny_superres))
     assert ckpt["config"]["stage"] == "superres" and set(ckpt["consts"]) == {"vqgan", "vqgan_hr", "t5"}
     assert ckpt["config"]["muse"]["lowres_grid"] == vqgan.PRESETS["tiny"].grid
     assert os.path.exists(os.path.join(tiny_superres, "samples", "000120.png"))
@@ -1281,7 +1307,7 @@ def test_init_fine_tunes_an_exported_superres_model_on_its_own_tokenizers(tmp_pa
     train.main(["export", "--workdir", str(tiny_superres), "--out", export])
     run = ["--vqgan", export, "--vqgan_hr", export, "--steps", "1", "--num_examples", "4"]
     _train(tmp_path / "ft", "superres", *run, "--lr", "0", "--init", export)
-    got, want = sample.read_checkpoint(str(tmp_path / "ft")), sample.read_checkpoint(export)
+    got, want = checkpoint.read_checkpoint(str(tmp_path / "ft")), checkpoint.read_checkpoint(export)
     for key in ("params", "consts"):
         assert jax.tree.structure(got[key]) == jax.tree.structure(want[key])
         for a, b in zip(jax.tree.leaves(got[key]), jax.tree.leaves(want[key])):
@@ -1332,7 +1358,7 @@ def _images(tmp_path, S=16):
 def test_inpainting_keeps_tokens_outside_the_mask_and_fills_the_inside(tmp_path, tiny_base):
     init, mask = _images(tmp_path)
     args = sample.parse_args(["a red square", "--init", str(init), "--mask", str(mask)])
-    base, sr = sample.load_pipeline(str(tiny_base))
+    base, sr = checkpoint.load_pipeline(str(tiny_base))
     (start, _) = sample.editing_init(args, base, sr)
     c = base.model.cfg
     hole = sample.token_mask(np.asarray(Image.open(mask)) > 127, c.grid).reshape(1, -1)
@@ -1340,8 +1366,8 @@ def test_inpainting_keeps_tokens_outside_the_mask_and_fills_the_inside(tmp_path,
     original = sample.encode_image(base, sample.load_image(str(init), base.vq.cfg.resolution))
     np.testing.assert_array_equal(start[~hole], original[~hole])
     assert (start[hole] == c.mask_id).all()
-    ids = np.asarray(sample.generate_ids(base.model, base.params, base.text_encoder, ["a red square"],
-                                         steps=4, init_ids=jnp.asarray(start)))
+    ids = np.asarray(muse.generate(base.model, base.params, base.text_encoder, ["a red square"],
+                                   steps=4, init_ids=jnp.asarray(start)))
     np.testing.assert_array_equal(ids[~hole], original[~hole])
     assert (ids[hole] != c.mask_id).all() and (ids < c.codebook_size).all()
 
@@ -1349,10 +1375,10 @@ def test_inpainting_keeps_tokens_outside_the_mask_and_fills_the_inside(tmp_path,
 def test_a_prompt_gets_the_same_tokens_whatever_the_batch(tiny_base):
     """Draws are keyed by (seed, the prompt's index in the job), not by the batch: a prompt
     decoded among four, or in a batch of its own at the same index, gives the same tokens
-    (so `--evaluate` does not depend on --batch_size)."""
-    base, _ = sample.load_pipeline(str(tiny_base))
-    gen = lambda prompts, first: np.asarray(sample.generate_ids(base.model, base.params, base.text_encoder,
-                                                                 prompts, seed=3, first=first, steps=4))
+    (so `evaluate.py shapes` does not depend on --batch_size)."""
+    base, _ = checkpoint.load_pipeline(str(tiny_base))
+    gen = lambda prompts, first: np.asarray(muse.generate(base.model, base.params, base.text_encoder,
+                                                          prompts, seed=3, first=first, steps=4))
     prompts = ["a red square", "two blue circles", "a green triangle", "a small cyan circle"]
     together = gen(prompts, 0)
     np.testing.assert_array_equal(gen(prompts[2:], 2), together[2:])
@@ -1362,7 +1388,7 @@ def test_a_prompt_gets_the_same_tokens_whatever_the_batch(tiny_base):
     assert (repeated[0] == together[0]).all()
     assert len({row.tobytes() for row in repeated}) > 1
     # and the seed matters
-    other_seed = np.asarray(sample.generate_ids(base.model, base.params, base.text_encoder, prompts, seed=4, steps=4))
+    other_seed = np.asarray(muse.generate(base.model, base.params, base.text_encoder, prompts, seed=4, steps=4))
     assert (other_seed != together).any()
 
 
@@ -1463,17 +1489,21 @@ def test_bad_masks_get_a_clear_error(tmp_path, tiny_base, capsys):
     assert e.value.code == 1 and "would shift the whole image out" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("module", [sample, train])
-def test_help_lists_the_flags(module, capsys):
+@pytest.mark.parametrize("module,argv,flag", [(sample, [], "--checkpoint"), (train, [], "--resume"),
+                                              (evaluate, [], "shapes"), (evaluate, ["shapes"], "--checkpoint"),
+                                              (bench, [], "train"), (bench, ["train"], "--bench_steps")])
+def test_help_lists_the_flags(module, argv, flag, capsys):
     with pytest.raises(SystemExit) as e:
-        module.main(["--help"])
+        module.main([*argv, "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert "--checkpoint" in out if module is sample else "--resume" in out
+    assert flag in out
+    # sample.py --help is about sampling: no benchmark or evaluation flags
+    assert module is not sample or not re.search(r"--(benchmark|evaluate|profile|dtype)\b", out)
 
 
 # =============================================================================
-# sample.py: the pixel-only checker of shapes images (SHAPES.md)
+# evaluate.py: the pixel-only checker of shapes images (SHAPES.md)
 # =============================================================================
 
 def test_parse_caption_reads_all_five_templates():
@@ -1491,21 +1521,21 @@ def test_parse_caption_reads_all_five_templates():
         "two green triangles": (5, [obj("green", "triangle")] * 2, None),
     }
     for caption, (template, objects, relation) in cases.items():
-        assert sample.parse_caption(caption) == dict(template=template, objects=objects, relation=relation,
+        assert evaluate.parse_caption(caption) == dict(template=template, objects=objects, relation=relation,
                                                      count=len(objects)), caption
     for caption, _ in _scenes(n=100):  # every caption the sampler writes parses
-        assert sample.parse_caption(caption)["template"] == _template_of(caption)
+        assert evaluate.parse_caption(caption)["template"] == _template_of(caption)
     for garbage in ("", "a red circle.", "A red circle", "a  red circle", "a pink circle", "a red hexagon",
                     "four red circles", "two red circle", "a red circle on the side", "a small red circle on the left",
                     "a red circle above a red square"):  # the last: template 4 needs two colours
         with pytest.raises(ValueError, match="caption"):
-            sample.parse_caption(garbage)
+            evaluate.parse_caption(garbage)
 
 
 def test_checker_find_objects_reads_back_rendered_objects():
     for S in (32, 64):
         for _, objects in _scenes(n=50, seed=S):
-            found = sorted(sample.find_objects(shapes.render(objects, S)), key=lambda o: (o["cx"], o["cy"]))
+            found = sorted(evaluate.find_objects(shapes.render(objects, S)), key=lambda o: (o["cx"], o["cy"]))
             objects = sorted(objects, key=lambda o: (o["cx"], o["cy"]))
             assert [(o["color"], o["shape"]) for o in found] == [(o["color"], o["shape"]) for o in objects]
             for f, o in zip(found, objects):  # rounding to the pixel grid moves each edge <= half a pixel
@@ -1519,7 +1549,7 @@ def test_check_image_passes_the_renderers_own_images(S):
     for template in range(1, 6):
         for seed in range(n):
             caption, objects = shapes.sample_scene(np.random.default_rng(seed), template)
-            ok, reason = sample.check_image(shapes.render(objects, S), caption)
+            ok, reason = evaluate.check_image(shapes.render(objects, S), caption)
             if not ok:
                 failures.append((seed, caption, reason))
     assert len(failures) <= 0.01 * 5 * n, failures
@@ -1540,7 +1570,7 @@ CONTRADICTIONS = {
 
 def _wrong_captions(caption):
     """caption -> {a caption the same image contradicts: what the checker's reason must say}."""
-    first = sample.parse_caption(caption)["objects"][0]
+    first = evaluate.parse_caption(caption)["objects"][0]
     unused = next(c for c in shapes.COLORS if c not in caption.split())
     other = next(s for s in shapes.SHAPES if s != first["shape"])
     # The first colour and shape word belong to object 0 (a plural "circles" contains "circle").
@@ -1557,25 +1587,25 @@ def test_check_image_rejects_captions_the_image_contradicts():
         for seed in range(10):
             caption, objects = shapes.sample_scene(np.random.default_rng(seed), template)
             image = shapes.render(objects, 64)
-            assert sample.check_image(image, caption) == (True, ""), caption  # so each failure is the edit's
+            assert evaluate.check_image(image, caption) == (True, ""), caption  # so each failure is the edit's
             wrong = _wrong_captions(caption)
             assert len(wrong) == (2 if template == 1 else 3), wrong
             for bad, reason in wrong.items():
-                ok, why = sample.check_image(image, bad)
+                ok, why = evaluate.check_image(image, bad)
                 assert not ok and why.startswith(reason), (caption, bad, why)
-                assert why.split(":")[0] in sample.FAILURE_KINDS
+                assert why.split(":")[0] in evaluate.FAILURE_KINDS
 
 
 def test_check_image_rejects_blank_images_and_distractors():
     blank = np.full((64, 64, 3), 255, np.uint8)
     for caption, _ in _scenes(n=20):
-        ok, why = sample.check_image(blank, caption)
+        ok, why = evaluate.check_image(blank, caption)
         assert not ok and why.startswith("count: expected") and why.endswith("found 0"), (caption, why)
     for seed in range(10):  # a scene of two: the second object is a distractor to a caption naming the first
         _, (a, b) = shapes.sample_scene(np.random.default_rng(seed), 4)
         caption = f"a {a['color']} {a['shape']}"
-        assert sample.check_image(shapes.render([a], 64), caption) == (True, "")
-        ok, why = sample.check_image(shapes.render([a, b], 64), caption)
+        assert evaluate.check_image(shapes.render([a], 64), caption) == (True, "")
+        ok, why = evaluate.check_image(shapes.render([a, b], 64), caption)
         assert not ok and why == f"count: expected 0 {b['color']} objects, found 1", why
 
 
@@ -1783,7 +1813,7 @@ def test_tokenize_then_train_on_tokens(tmp_path, tiny_vqgan, tiny_vqgan_hr, caps
     assert ids.shape == (16, 16) and hr_ids.shape == (16, 64) and ids.dtype == np.int32
     # the ids are the tokenizers' own encodings of the scenes
     scenes, texts = shapes.shapes_batch(0, 0, 8, 16, num_examples=20)
-    lo = sample.read_checkpoint(str(tiny_vqgan))
+    lo = checkpoint.read_checkpoint(str(tiny_vqgan))
     model = vqgan.VQGAN(vqgan.VQGANConfig(**lo["config"]["vqgan"]))
     expect = vqgan.encode_jit(model, lo["params"]["vqgan"], scenes.astype(np.float32) / 127.5 - 1)
     np.testing.assert_array_equal(ids[:8], np.asarray(expect).reshape(8, -1))
@@ -1847,8 +1877,9 @@ def test_tokenize_text_embeddings_stand_in_for_the_text_encoder(tmp_path, tiny_v
 
 
 def test_every_command_in_the_readme_parses():
-    # README's commands are what users copy: every `python train.py|sample.py ...` line in its
-    # code blocks (continuations joined, `;` and `&&` split, `$ ` prompts and comments dropped)
+    # README's commands are what users copy: every `python train.py|sample.py|evaluate.py|bench.py
+    # ...` line in its code blocks (continuations joined, `;` and `&&` split, `$ ` prompts and
+    # comments dropped)
     # must be accepted by the flag parser as written, so a renamed or removed flag fails here.
     # Lines with a `...` placeholder are skipped; so are commands only described in prose.
     text = open(os.path.join(os.path.dirname(__file__), "README.md")).read()
@@ -1857,12 +1888,12 @@ def test_every_command_in_the_readme_parses():
         for line in block.replace("\\\n", " ").splitlines():
             line = re.sub(r"^\$ ", "", line.strip())
             for part in re.split(r";|&&", re.sub(r"\s+#.*$", "", line)):
-                m = re.match(r"(?:/usr/bin/time\s+(?:-f \"[^\"]*\"\s+)?)?python (train|sample)\.py(.*)", part.strip())
+                m = re.match(r"(?:/usr/bin/time\s+(?:-f \"[^\"]*\"\s+)?)?python (train|sample|evaluate|bench)\.py(.*)", part.strip())
                 if m and "..." not in m.group(2):
                     commands.append((m.group(1), shlex.split(m.group(2))))
     assert len(commands) >= 25, len(commands)       # the parser found the README's commands
     for module, argv in commands:
         try:
-            (train if module == "train" else sample).parse_args(argv)
+            {"train": train, "sample": sample, "evaluate": evaluate, "bench": bench}[module].parse_args(argv)
         except SystemExit as e:
             pytest.fail(f"README: `python {module}.py {shlex.join(argv)}` exits {e.code}")

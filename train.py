@@ -5,7 +5,8 @@
     python train.py base     --data shapes --workdir runs/base  --steps 1500 --batch_size 32 --vqgan runs/vq
     python train.py vqgan    --data shapes --workdir runs/vq64  --preset shapes_hr --lr 1e-3
     python train.py superres --data shapes --workdir runs/sr    --vqgan runs/vq --vqgan_hr runs/vq64
-    python train.py base --benchmark small [--dtype bfloat16]   # step time, FLOPs and MFU: one JSON line
+    python train.py export   --workdir runs/base --out ship/base          # float16, for sampling only
+    python train.py tokenize --vqgan runs/vq --data 'cc3m/{00000..00331}.tar' --out tokens/   # ids, once
 
 Runs on one CPU, on every local device of a GPU/TPU host, and on multi-host TPU pods (see
 "Multi-host" below). Each run writes into --workdir:
@@ -31,18 +32,16 @@ inside the step, so --time_limit stops them all at the same step. test_muse.py r
 processes on one machine, joined over localhost (`--coordinator localhost:PORT
 --num_processes 2 --process_id I`; on CPUs JAX's collectives then go through gloo), and
 checks that they train exactly as one process does and that the run resumes on one host.
+
+bench.py times this file's step (`python bench.py train PRESET`).
 """
 import argparse
 import functools
-import glob
-import io
 import json
-import os
-import time
 import multiprocessing
-import shutil
-import statistics
+import os
 import sys
+import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, replace
 
@@ -51,17 +50,20 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import serialization
-from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 import data
 import muse
 import shapes
 import vqgan
-from sample import (read_checkpoint, load_text_encoder, generate_ids, ids_to_images, save_grid, fail,
-                    Parser, peak_flops, profile_report)   # (sample.py also sets a PRNG flag)
+from checkpoint import (CHECKPOINT, Parser, export, fail, load_text_encoder, read_checkpoint, read_tokenizer,
+                        save_checkpoint, write_atomically)
 
-CHECKPOINT = "checkpoint.msgpack"
+# Every random draw here is keyed per example (example_keys) and none is sharded across
+# devices, which is all the default "partitionable" threefry PRNG is for; XLA:CPU compiles the
+# other one several times faster.
+jax.config.update("jax_threefry_partitionable", False)
+
 SAMPLE_PROMPTS = ["a red circle", "a large blue square", "a green triangle on the left",
                   "a yellow circle above a purple square", "three cyan triangles",
                   "a small red square", "a blue circle to the right of a green triangle", "two purple circles"]
@@ -192,13 +194,11 @@ def mean_over_micro_batches(value_and_grad, batch, k):
     return jax.tree.map(lambda x: x / k, total)
 
 
-# On a CPU the transformer stages train fastest in micro-batches of ~512 tokens, for the
-# reason muse.CPU_TOKENS_PER_PASS gives (activations, and here the backward pass's too,
-# stay in cache): a `demo` step at batch 32 x 64 tokens took 322 ms in 4 micro-batches
-# against 395 ms in one, a `medium` step at batch 8 x 256 1109 ms in 4 against 1292
-# (`train.py base --benchmark ...`, 2026-11-27, README's Speed section). So --grad_accum's
-# default, 0, picks that split on a CPU, and none on accelerators or for the tokenizer (not
-# measured there).
+# A speed path for CPUs: there the transformer stages train fastest in micro-batches of ~512
+# tokens, for the reason muse.CPU_TOKENS_PER_PASS gives (activations, and here the backward
+# pass's too, stay in cache; docs/results.md, "CPU passes and micro-batches"). So
+# --grad_accum's default, 0, picks that split on a CPU, and none on accelerators or for the
+# tokenizer (not measured there).
 CPU_TOKENS_PER_MICRO_BATCH = 512
 
 
@@ -241,10 +241,9 @@ def setup_vqgan(args, config):
                                  use_adv=step >= args.disc_start)
         loss = out["g_loss"].mean() + out["d_loss"].mean()
         # usage statistics over the devices' batches (under --grad_accum, of one micro-batch
-        # each, averaged over the micro-batches): psum the code counts of every device;
-        # a sum of one-hots, not jnp.bincount: a scatter-add whose ids pile onto a few codes
-        # serialises on a GPU (the suspected cause of a 64 px tokenizer run slowing to 1-3
-        # steps/s on an H200 while the 32 px one ran at 17-85)
+        # each, averaged over the micro-batches): psum the code counts of every device; a
+        # sum of one-hots rather than jnp.bincount, whose scatter-add serialises on a GPU
+        # when the ids pile onto a few codes
         ids = out["ids"].reshape(-1)                                                       # (b * h * w,)
         counts = jax.lax.psum(jax.nn.one_hot(ids, cfg.codebook_size, dtype=jnp.int32).sum(0), "batch")  # (K,)
         stats = vqgan.codebook_stats(counts)
@@ -256,7 +255,7 @@ def setup_vqgan(args, config):
     def sample_grid(params, consts, batch, path):
         images = batch["images"][:8]
         recon = vqgan.decode_jit(model, params["vqgan"], vqgan.encode_jit(model, params["vqgan"], images))
-        save_grid(np.concatenate([vqgan.to_uint8(images), vqgan.to_uint8(recon)]), path, cols=8)
+        data.save_grid(np.concatenate([vqgan.to_uint8(images), vqgan.to_uint8(recon)]), path, cols=8)
 
     return {"init": init, "consts": {}, "loss_fn": loss_fn, "sample_grid": sample_grid,
             "resolutions": (cfg.resolution,), "text_encoder": None}
@@ -320,21 +319,21 @@ def setup_transformer(args, config, consts):
     def sample_grid(params, consts, batch, path):
         if not superres:
             prompts = SAMPLE_PROMPTS if args.data == "shapes" else batch["captions"][:8]
-            ids = generate_ids(model, params, text_encoder, prompts, seed=0)
-            save_grid(ids_to_images(out_vq, consts["vqgan"], ids), path, cols=4)
+            ids = muse.generate(model, params, text_encoder, prompts, seed=0)
+            data.save_grid(vqgan.decode_ids(out_vq, consts["vqgan"], ids), path, cols=4)
             return
         # super-res of real low-res tokens: rows = low-res reconstruction, super-res, original
         n = min(8, len(batch["captions"]))
         if "ids" in batch:                      # a token folder: the "original" is the high-res tokens' image
-            lo_ids, original = batch["ids"][:n], ids_to_images(out_vq, consts[out_key], batch["hr_ids"][:n])
+            lo_ids, original = batch["ids"][:n], vqgan.decode_ids(out_vq, consts[out_key], batch["hr_ids"][:n])
         else:
             lo_ids = vqgan.encode_jit(lo_vq, consts["vqgan"], batch["lowres_images"][:n]).reshape(n, -1)
             original = vqgan.to_uint8(batch["images"][:n])
-        ids = generate_ids(model, params, text_encoder, batch["captions"][:n], seed=0, steps=8, lowres_ids=lo_ids,
-                           guidance=0.0, temperature=0.1)              # sample.py's --sr_* defaults
+        ids = muse.generate(model, params, text_encoder, batch["captions"][:n], seed=0, steps=8, lowres_ids=lo_ids,
+                            guidance=0.0, temperature=0.1)              # sample.py's --sr_* defaults
         f = out_cfg.resolution // lo_cfg.resolution                      # nearest-neighbour upsampling factor
-        up = ids_to_images(lo_vq, consts["vqgan"], lo_ids).repeat(f, 1).repeat(f, 2)
-        save_grid(np.concatenate([up, ids_to_images(out_vq, consts[out_key], ids), original]), path, cols=n)
+        up = vqgan.decode_ids(lo_vq, consts["vqgan"], lo_ids).repeat(f, 1).repeat(f, 2)
+        data.save_grid(np.concatenate([up, vqgan.decode_ids(out_vq, consts[out_key], ids), original]), path, cols=n)
 
     return {"init": init, "consts": consts, "loss_fn": loss_fn, "sample_grid": sample_grid,
             "resolutions": resolutions, "text_encoder": text_encoder}
@@ -426,25 +425,6 @@ def init_tokenizer_from(path, params):
     return dict(params, vqgan=serialization.from_state_dict(params["vqgan"], src))
 
 
-def read_tokenizer(path, flag, why):
-    """A trained VQGAN given by `flag`: a vqgan run, or a tokenizer held inside a base or
-    superres run (so `--vqgan checkpoints/demo/base --vqgan_hr checkpoints/demo/superres`
-    trains on the shipped demo's tokenizers)."""
-    if not path:
-        fail(f"{why}: pass {flag} DIR (from `python train.py vqgan ...`)")
-    ckpt = read_checkpoint(path)
-    stage = ckpt["config"]["stage"]
-    if stage in ("base", "superres"):
-        key = flag.lstrip("-")                  # "vqgan" or "vqgan_hr"
-        if key not in ckpt["consts"]:
-            fail(f"{flag} {path}: this {stage} checkpoint holds no {key!r} tokenizer")
-        return {"config": {"stage": "vqgan", "vqgan": ckpt["config"][key]},
-                "params": {"vqgan": ckpt["consts"][key]}}
-    if stage != "vqgan":
-        fail(f"{flag} {path}: holds a {stage!r} checkpoint, not a vqgan, base or superres one")
-    return ckpt
-
-
 def init_transformer_from(path, stage, params, consts):
     """base|superres --init DIR: start from another run's (or an exported checkpoint's)
     transformer weights, with a fresh optimizer and schedule: fine-tuning, e.g. the shipped
@@ -471,86 +451,26 @@ RESUMED_ARGS = ("batch_size", "seed", "num_examples", "holdout", "lr", "warmup",
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: one msgpack file, written to a temporary name and renamed into place, so
-# a crash mid-write leaves the previous checkpoint intact.
-# -----------------------------------------------------------------------------
-
-def write_atomically(path, payload):
-    """payload: a pytree (msgpack) or bytes."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(payload if isinstance(payload, bytes) else serialization.msgpack_serialize(payload))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)                       # atomic on POSIX
-
-
-def save_checkpoint(workdir, state, consts, config, rng):
-    payload = jax.tree.map(np.asarray, {
-        "step": state["step"], "rng": rng,
-        "params": state["params"], "opt_state": serialization.to_state_dict(state["opt_state"]),
-        "consts": {k: consts[k] for k in ("vqgan", "vqgan_hr", "t5") if k in consts}})
-    payload["config"] = json.dumps(config)
-    write_atomically(os.path.join(workdir, CHECKPOINT), payload)
-
-
-def export(args):
-    """`train.py export --workdir RUN --out DIR`: a checkpoint to ship, for sampling only.
-
-    Drops the optimizer state (2/3 of a training checkpoint) and stores the float32 weights
-    in float16, which `sample.read_checkpoint` casts back: the demo's pipeline fits in a
-    few MB, and float16's 11-bit mantissa is far finer than anything visible in a sample.
-    """
-    ckpt = read_checkpoint(args.workdir)
-    if ckpt["config"]["stage"] not in ("base", "superres"):
-        fail(f"export: {args.workdir} is a {ckpt['config']['stage']!r} run; export base and superres runs "
-             "(they hold their tokenizers)")
-    if not args.out:
-        fail("export: pass --out DIR")
-    half = lambda x: x.astype(np.float16) if x.dtype == np.float32 else x
-    payload = {"step": ckpt["step"], "params": jax.tree.map(half, ckpt["params"]),
-               "consts": jax.tree.map(half, ckpt["consts"]), "config": json.dumps(ckpt["config"])}
-    os.makedirs(args.out, exist_ok=True)
-    write_atomically(os.path.join(args.out, CHECKPOINT), payload)
-    if ckpt["config"]["tokenizer"] != "byt5":   # a pretrained T5's tokenizer files travel with it
-        shutil.copytree(os.path.join(args.workdir, ckpt["config"]["tokenizer"]),
-                        os.path.join(args.out, ckpt["config"]["tokenizer"]), dirs_exist_ok=True)
-    size = os.path.getsize(os.path.join(args.out, CHECKPOINT)) / 2 ** 20
-    print(f"exported {args.workdir} (step {int(ckpt['step'])}) to {args.out}: {size:.1f} MB")
-
-
-# -----------------------------------------------------------------------------
-# Pre-tokenization: `train.py tokenize`
+# Pre-tokenization: `train.py tokenize` (data.tokenize writes the token folder)
 # -----------------------------------------------------------------------------
 
 def tokenize(args):
-    """`train.py tokenize --vqgan RUN [--vqgan_hr RUN] --data SPEC --out DIR`: token ids, once.
+    """`train.py tokenize --vqgan RUN [--vqgan_hr RUN] [--text_emb] --data SPEC --out DIR`:
+    the token ids (and with --text_emb the text embeddings) of one epoch of the data, once,
+    so that `train.py base|superres --data DIR` runs no frozen network (data.tokenize).
 
-    Runs the frozen tokenizer(s) over one epoch of the data (shapes: the --num_examples
-    scenes of a finite world) and writes DIR/tokens-PPP-KKKKK.npz (process P's K-th file:
-    ids int32 (n, N) of --vqgan; with --vqgan_hr also hr_ids (n, N_hr) of the same images at
-    its resolution; captions (n,)) and DIR/tokens.json (the tokenizers' configs and weight
-    fingerprints). `train.py base|superres --data DIR` then trains on the ids and never runs
-    a tokenizer: the files are read like tar shards (per-host files, shuffle buffer, exact
-    resume), and the run checks that its --vqgan / --vqgan_hr made them.
-
-    With --text_emb it also runs the text encoder once per caption: text_mask bool (n, L) goes
-    into the .npz, the embeddings float16 (n, L, Dt) into tokens-PPP-KKKKK.text_emb.npy beside
-    it (a plain .npy, which the reader memory-maps: at T5-XXL's Dt = 4096 and L = 64 they are
-    0.5 MB per example, too many to hold in memory), and the text encoder's fingerprint into
-    tokens.json. The transformer stages then run no frozen network at all, and check that the
-    run's own text encoder made them (float16: the embeddings are rounded to 3 significant
-    digits, as bfloat16 training would round them anyway).
+    One epoch: every record of this process's shards, or for shapes the --num_examples
+    scenes of a finite world, at each tokenizer's resolution (training's rows of each step).
     """
     if not args.out:
         fail("tokenize: pass --out DIR")
-    tokenizers = {"vqgan": read_tokenizer(args.vqgan, "--vqgan", "tokenize needs the tokenizer to run")}
+    runs = {"vqgan": read_tokenizer(args.vqgan, "--vqgan", "tokenize needs the tokenizer to run")}
     if args.vqgan_hr:
-        tokenizers["vqgan_hr"] = read_tokenizer(args.vqgan_hr, "--vqgan_hr", "")
-    models = [(vqgan.VQGAN(vqgan.VQGANConfig(**t["config"]["vqgan"])), t["params"]["vqgan"])
-              for t in tokenizers.values()]
+        runs["vqgan_hr"] = read_tokenizer(args.vqgan_hr, "--vqgan_hr", "")
+    tokenizers = {k: (vqgan.VQGAN(vqgan.VQGANConfig(**t["config"]["vqgan"])), t["params"]["vqgan"],
+                      t["config"]["vqgan"]) for k, t in runs.items()}
     text_encoder = new_text_encoder(args) if args.text_emb else None
-    res = [m.cfg.resolution for m, _ in models]             # (low [, high]) resolution
+    res = [model.cfg.resolution for model, _, _ in tokenizers.values()]    # (low [, high]) resolution
     p, b = jax.process_index(), args.batch_size // jax.process_count()
     if data.is_real_data(args.data):
         if data.is_token_folder(args.data):
@@ -563,84 +483,48 @@ def tokenize(args):
     else:
         fail("tokenize --data shapes: pass --num_examples N (the shapes world is infinite)")
 
-    def encode(model, params, x):                          # float (n, S, S, 3) in [-1, 1] -> int32 (n, N)
-        pad = np.concatenate([x, np.repeat(x[-1:], b - len(x), 0)])   # one shape: one compile
-        ids = vqgan.encode_jit(model, params, pad)
-        return np.asarray(ids).reshape(b, -1)[:len(x)].astype(np.int32)
+    def batches():                              # (images at each resolution, captions) of this process
+        for step in range(steps):
+            if data.is_real_data(args.data):
+                images, captions = reader.next_batch(min(b, total - step * b), fill=False)
+                if not captions:                # a batch of corrupt images only
+                    continue
+                images = [vqgan.from_uint8(x) for x in images]
+            else:                               # training's rows of step `step`, only scenes < N
+                n = min(b, args.num_examples - step * args.batch_size - p * b)
+                if n <= 0:
+                    continue
+                images = []
+                for r in res:                   # the same scenes at each tokenizer's resolution
+                    rows = host_batch(args, step, (r,))
+                    images.append(rows["images"][:n])
+                captions = rows["captions"][:n]
+            yield images, captions
 
-    os.makedirs(args.out, exist_ok=True)
-    if glob.glob(os.path.join(args.out, "tokens-*.npz")) or os.path.exists(os.path.join(args.out, data.MANIFEST)):
-        # a token folder is read as every tokens-*.npz in it: old files would be trained on too
-        fail(f"tokenize: {args.out} already holds token files; choose an empty --out")
-    if jax.process_count() > 1:                 # every host has looked before any host writes
-        multihost_utils.sync_global_devices("tokenize: --out checked")
-    out, files, count = [], 0, 0
-
-    def flush():
-        nonlocal out, files
-        if out:
-            arrays = {k: np.concatenate([o[k] for o in out]) for k in out[0]}
-            name = os.path.join(args.out, f"tokens-{p:03d}-{files:05d}")
-            if "text_emb" in arrays:            # first: a written .npz always has its embeddings
-                buf = io.BytesIO()
-                np.save(buf, arrays.pop("text_emb"))
-                write_atomically(name + ".text_emb.npy", buf.getvalue())
-            buf = io.BytesIO()
-            np.savez(buf, **arrays)
-            write_atomically(name + ".npz", buf.getvalue())
-            out, files = [], files + 1
-
-    for step in tqdm(range(steps), disable=p != 0, desc="tokenize"):
-        if data.is_real_data(args.data):
-            images, captions = reader.next_batch(min(b, total - step * b), fill=False)
-            if not captions:                    # a batch of corrupt images only
-                continue
-            images = [vqgan.from_uint8(x) for x in images]
-        else:                                   # training's rows of step `step`, only scenes < N
-            n = min(b, args.num_examples - step * args.batch_size - p * b)
-            if n <= 0:
-                continue
-            images = []
-            for r in res:                       # the same scenes at each tokenizer's resolution
-                rows = host_batch(args, step, (r,))
-                images.append(rows["images"][:n])
-            captions = rows["captions"][:n]
-        ids = [encode(m, params, x) for (m, params), x in zip(models, images)]
-        out.append(dict(zip(("ids", "hr_ids"), ids), captions=np.array(captions)))
-        if text_encoder is not None:
-            emb, mask = text_encoder(captions)                                      # (n, L, Dt), (n, L)
-            out[-1].update(text_emb=np.asarray(emb, np.float16), text_mask=np.asarray(mask))
-        count += len(captions)
-        if sum(len(o["captions"]) for o in out) >= args.shard_size:
-            flush()
-    flush()
-    if jax.process_count() > 1:                 # every host's files are written before the manifest
-        multihost_utils.sync_global_devices("tokenize: files written")
-    if p == 0:                                  # the manifest last: a folder without it is not read
-        manifest = {k: {"config": t["config"]["vqgan"], "fingerprint": data.fingerprint(t["params"]["vqgan"])}
-                    for k, t in tokenizers.items()}
-        if text_encoder is not None:
-            manifest["t5"] = {"config": asdict(text_encoder.cfg), "fingerprint": data.fingerprint(text_encoder.params),
-                              "text_length": args.text_length, "text_encoder": args.text_encoder or "byt5"}
-        write_atomically(os.path.join(args.out, data.MANIFEST),
-                         json.dumps(dict(manifest, data=args.data), indent=1).encode())
+    try:
+        count, files = data.tokenize(args.out, batches(), tokenizers, b, text_encoder,
+                                     text_encoder_name=args.text_encoder or "byt5", shard_size=args.shard_size,
+                                     source=args.data, total=steps)
+    except ValueError as e:                     # --out holds token files already, or the data is broken
+        fail(str(e))
     print(f"tokenized {count} examples into {files} files in {args.out}")
 
 
 # -----------------------------------------------------------------------------
-# The training loop
+# Make or resume the run
 # -----------------------------------------------------------------------------
 
-def train(args):
-    n_dev = args.num_devices or jax.local_device_count()
-    # pmap over all devices of all hosts unless asked for fewer (a multi-host pmap must span all)
-    devices = jax.local_devices()[:n_dev] if args.num_devices else None
-    n_global = n_dev * jax.process_count()
+def make_or_resume_run(args, n_global):
+    """The run in --workdir, new or resumed (--resume): -> (config, consts, setup, tx, state, rng).
+
+    A new run gets its config and frozen arrays from new_run and fresh weights (or --init's);
+    a resumed one takes them, the trajectory's flags (RESUMED_ARGS, written back into args),
+    the weights, the optimizer state, the step and the PRNG key from its checkpoint. state is
+    {"params", "opt_state", "step"} on the host; setup is setup_vqgan's or setup_transformer's.
+    """
     is_main = jax.process_index() == 0
-    os.makedirs(args.workdir, exist_ok=True)
     ckpt_path = os.path.join(args.workdir, CHECKPOINT)
     stream = {"data": args.data, "processes": jax.process_count()}   # what a resume compares against
-
     if args.resume:
         if not os.path.exists(ckpt_path):
             fail(f"--resume: no checkpoint at {ckpt_path}")
@@ -675,19 +559,18 @@ def train(args):
     if rows % args.grad_accum:
         fail(f"{batch_flag} must be a multiple of the device count {n_global} times --grad_accum {args.grad_accum}")
     setup = setup_vqgan(args, config) if args.stage == "vqgan" else setup_transformer(args, config, consts)
-    consts = setup["consts"]
     tx = make_optimizer(args)
 
     rng = jax.random.PRNGKey(args.seed)
     # The VQGAN's init is jitted: one compile instead of one per distinct layer shape. The
     # transformers' is not: their blocks share a few shapes, so eagerly each initializer
-    # compiles once and is reused, while jitting the whole init of the 626M `base` preset
-    # took 135 s to compile on an H200 (eager: seconds; on this CPU 15 s against 40 s).
+    # compiles once and is reused, while jitting the whole init of a deep preset compiles for
+    # minutes (docs/results.md, "The `base` preset's MFU on an H200").
     init = jax.jit(setup["init"]) if args.stage == "vqgan" else setup["init"]
     params = init(jax.random.fold_in(rng, 0))
     if args.init and not args.resume:
         params = (init_tokenizer_from(args.init, params) if args.stage == "vqgan"
-                  else init_transformer_from(args.init, args.stage, params, consts))
+                  else init_transformer_from(args.init, args.stage, params, setup["consts"]))
     # the step lives on the device (int32, as the step function returns it: a different
     # dtype on the first call would compile the step twice)
     state = {"params": params, "opt_state": tx.init(params), "step": np.int32(0)}
@@ -698,18 +581,51 @@ def train(args):
         rng = jnp.asarray(ckpt["rng"], jnp.uint32)
         if is_main:                             # (process 0 alone writes the run's files)
             truncate_metrics(args.workdir, state["step"])
-    start = int(state["step"])
-    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     if is_main:
+        n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
         print(f"stage {args.stage}: {n_params / 1e6:.2f}M trainable params; global batch {args.batch_size} = "
               f"{n_global} devices x {rows} per device"
               + (f" in {args.grad_accum} micro-batches" if args.grad_accum > 1 else "")
               + f" ({jax.default_backend()})")
+    return config, setup["consts"], setup, tx, state, rng
 
-    loss_fn = setup["loss_fn"]
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+def truncate_metrics(workdir, step):
+    """On resume, drop logged steps past the checkpoint: they will be logged again. A line
+    that does not parse (a run killed mid-write) is dropped too; the file is replaced
+    atomically, so a crash here loses nothing."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                pass
+    write_atomically(path, "".join(kept).encode())
 
+
+# -----------------------------------------------------------------------------
+# The training loop
+# -----------------------------------------------------------------------------
+
+def train(args):
+    n_dev = args.num_devices or jax.local_device_count()
+    # pmap over all devices of all hosts unless asked for fewer (a multi-host pmap must span all)
+    devices = jax.local_devices()[:n_dev] if args.num_devices else None
+    n_global = n_dev * jax.process_count()
+    is_main = jax.process_index() == 0
+    os.makedirs(args.workdir, exist_ok=True)
+    ckpt_path = os.path.join(args.workdir, CHECKPOINT)
+    config, consts, setup, tx, state, rng = make_or_resume_run(args, n_global)
+    start = int(state["step"])
+    rows = args.batch_size // n_global                          # this device's rows per step
+    grad_fn = jax.value_and_grad(setup["loss_fn"], has_aux=True)
+
+    # --- The step, on every device at once (pmap) ----------------------------------------
     def train_step(state, consts, batch, rng, horizon, clock):
         step, params = state["step"], state["params"]
         first = jax.lax.axis_index("batch") * rows              # global index of this device's first row
@@ -744,6 +660,7 @@ def train(args):
     rep_horizon = horizon()
     last_ckpt = start if args.resume else None  # step of the last checkpoint written (all finite)
 
+    # --- Data: the next batch is made on the host while the devices run the step ----------
     # spawn, not fork: a forked child of a process that has started JAX can deadlock
     # (shapes only: real data decodes in data.Reader's threads)
     workers = ProcessPoolExecutor(args.data_workers, mp_context=multiprocessing.get_context("spawn")) \
@@ -759,6 +676,7 @@ def train(args):
         captions = batch.pop("captions")        # strings stay on the host
         return shard(batch, n_dev), dict(batch, captions=captions)
 
+    # --- The loop: step, log, checkpoint, sample grid --------------------------------------
     metrics_file = open(os.path.join(args.workdir, "metrics.jsonl"), "a") if is_main else None
     pool = ThreadPoolExecutor(max_workers=1)    # renders the next batch while the device trains
     future = pool.submit(fetch, start)
@@ -840,149 +758,6 @@ def train(args):
     return unreplicate(jax.device_get(rep_state))
 
 
-# -----------------------------------------------------------------------------
-# The training-step benchmark: `train.py base --benchmark PRESET`
-# -----------------------------------------------------------------------------
-
-# benchmark batch when --batch_size is not given: the issue-6 configurations use 8; the
-# paper-scale presets get a batch that keeps an H100 busy and fits its 80 GB
-BENCHMARK_BATCH = {"base": 64, "large": 16}
-
-
-def benchmark(args):
-    """Time the base model's real train step on random inputs; returns a dict for JSON.
-
-    Random weights, random token ids (B, N) in [0, K), random text embeddings (B, L, Dt) with
-    an all-true mask: no checkpoint, tokenizer, VQGAN or T5, so only the masked transformer's
-    step is timed (in training, the frozen VQGAN and T5 also run inside the step). The step
-    is the one train() runs: muse.masked_token_loss, make_optimizer's AdamW and the
-    -learning_rate(...) scaling, jitted with the state donated. It runs on the first local
-    device only (no pmap: per-device speed is what MFU is about; several devices would only
-    add the gradient all-reduce). The same batch is fed every step.
-
-    FLOPs are analytic: 3 x muse.transformer_flops (forward + backward, the backward
-    costing two matmuls per forward matmul), so the MFU is that of the model's matmuls,
-    not of whatever else XLA runs. sec_per_step is the median of --bench_steps steps after a
-    warm-up step, each step's loss read back before the next is dispatched (as in train());
-    sec_per_step_pipelined the mean of as many dispatched back to back; compile_s the compile
-    alone.
-    """
-    cfg = replace(muse.PRESETS[args.benchmark], dtype=args.dtype, text_length=args.text_length,
-                  attention=args.attention)
-    check_attention(cfg.attention)
-    model = muse.MaskedTransformer(cfg)
-    B, L, N = args.batch_size, args.text_length, cfg.num_tokens
-    device = jax.local_devices()[0]
-    r_ids, r_emb, r_init, rng = jax.random.split(jax.random.PRNGKey(args.seed), 4)
-    ids = jax.random.randint(r_ids, (B, N), 0, cfg.codebook_size, jnp.int32)                # (B, N)
-    emb = jax.random.normal(r_emb, (B, L, cfg.text_dim), jnp.float32)                       # (B, L, Dt)
-    mask = jnp.ones((B, L), bool)                                                           # (B, L)
-    # the empty prompt of classifier-free guidance: zeros with its one </s> token unmasked
-    empty_emb, empty_mask = jnp.zeros((L, cfg.text_dim)), jnp.arange(L) == 0                # (L, Dt), (L,)
-    batch = jax.device_put({"ids": ids, "emb": emb, "mask": mask}, device)
-
-    # progress on stderr (stdout stays one JSON line): a benchmark cut off by a timeout still
-    # says how far it got
-    t_start = time.perf_counter()
-    progress = lambda what: print(f"[{time.perf_counter() - t_start:.0f}s] {what}", file=sys.stderr, flush=True)
-    tx = make_optimizer(args)
-    params = model.init(r_init, ids[:1], emb[:1], mask[:1])["params"]       # eager: see train()
-    state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
-    state = jax.device_put(state, device)
-    n_params = sum(x.size for x in jax.tree.leaves(params))
-    progress(f"initialised {n_params / 1e6:.1f}M params on {device.device_kind}; compiling the train step")
-
-    k = args.grad_accum or default_grad_accum(B, N)
-
-    def train_step(state, batch, rng):
-        step = state["step"]
-        keys = example_keys(rng, step, 0, B)                                                  # one key per example
-
-        def loss_fn(params, mb):
-            loss, _ = muse.masked_token_loss(model, params, mb["ids"], mb["emb"], mb["mask"],
-                                             empty_emb, empty_mask, mb["keys"])
-            return loss.mean()
-
-        loss, grads = mean_over_micro_batches(lambda mb, _: jax.value_and_grad(loss_fn)(state["params"], mb),
-                                              dict(batch, keys=keys), k)
-        return apply_update(tx, state, grads, learning_rate(step, args.lr, args.warmup, args.decay_steps)), loss
-
-    t0 = time.perf_counter()
-    step_fn = jax.jit(train_step, donate_argnums=(0,)).lower(state, batch, rng).compile()
-    compile_s = time.perf_counter() - t0
-    progress(f"compiled in {compile_s:.1f}s; timing {args.bench_steps} steps after one warm-up step")
-    state, loss = jax.block_until_ready(step_fn(state, batch, rng))
-    # each step's loss is read back before the next step is dispatched, as train.py reads its
-    # metrics (the optimizer update of one step may still run while the next is dispatched):
-    # the time between two losses is what a step costs in training
-    times, t0 = [], time.perf_counter()
-    for _ in range(args.bench_steps):
-        state, loss = step_fn(state, batch, rng)
-        loss.block_until_ready()
-        times.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-    # the same steps dispatched back to back, waited for once: the host's dispatch of the next
-    # step then overlaps the device's work (train.py reads every step's metrics back, so it
-    # runs at sec_per_step; the gap between the two is what overlapping would gain)
-    t0 = time.perf_counter()
-    for _ in range(args.bench_steps):
-        state, loss = step_fn(state, batch, rng)
-    jax.block_until_ready(loss)
-    pipelined = (time.perf_counter() - t0) / args.bench_steps
-    profile = {}
-    if args.profile:
-        # where the time goes: trace a few more steps and add up the device time of each op
-        os.makedirs(args.profile, exist_ok=True)
-        try:                                    # (a profiler that fails costs the profile, not the timing)
-            with jax.profiler.trace(args.profile):
-                for _ in range(PROFILE_STEPS):
-                    state, loss = jax.block_until_ready(step_fn(state, batch, rng))
-            profile = {"profile": profile_report(args.profile, step_fn.as_text(), PROFILE_STEPS)}
-            progress(f"profile of {PROFILE_STEPS} steps in {args.profile}/ops.txt")
-        except Exception as e:
-            profile = {"profile_error": f"{type(e).__name__}: {e}"[:300]}
-    if not np.isfinite(float(loss)):
-        fail(f"--benchmark: loss is {float(loss)} at the last timed step")
-    sec = statistics.median(times)
-    flop_step = 3 * muse.transformer_flops(cfg, B, L)
-    if args.peak_tflops is not None:
-        peak, peak_source = args.peak_tflops * 1e12, "--peak_tflops"
-    elif args.peak_gflops is not None:
-        peak, peak_source = args.peak_gflops * 1e9, "--peak_gflops"
-    else:
-        peak, peak_source = peak_flops()
-    achieved = flop_step / sec
-    return {"preset": args.benchmark, "dtype": args.dtype, "batch": B, "grad_accum": k, "text_length": L,
-            "params": n_params,
-            "sec_per_step": sec, "sec_per_step_pipelined": pipelined, "compile_s": compile_s,
-            "images_per_sec": B / sec,
-            "tokens_per_sec": B * N / sec, "gflop_per_step": flop_step / 1e9,
-            "achieved_tflops": achieved / 1e12, "peak_tflops": peak / 1e12, "mfu": achieved / peak,
-            "peak_source": peak_source, "loss": float(loss), "backend": jax.default_backend(),
-            "device_kind": device.device_kind, "devices": jax.local_device_count(), **profile}
-
-
-PROFILE_STEPS = 3
-
-
-def truncate_metrics(workdir, step):
-    """On resume, drop logged steps past the checkpoint: they will be logged again. A line
-    that does not parse (a run killed mid-write) is dropped too; the file is replaced
-    atomically, so a crash here loses nothing."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return
-    kept = []
-    with open(path) as f:
-        for line in f:
-            try:
-                if json.loads(line)["step"] <= step:
-                    kept.append(line)
-            except (ValueError, KeyError, TypeError):
-                pass
-    write_atomically(path, "".join(kept).encode())
-
-
 def parse_args(argv=None):
     p = Parser(prog="train.py", description=__doc__.split("\n\n")[0],
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -994,8 +769,8 @@ def parse_args(argv=None):
                         "'cc3m/{00000..00331}.tar' (braces and globs); a folder with metadata.jsonl; or "
                         "base, superres: a folder written by `train.py tokenize`")
     p.add_argument("--shuffle_buffer", type=int, default=1000, help="real data: records in the shuffle buffer")
-    p.add_argument("--workdir", default=None, help="folder for checkpoint, metrics and samples (required "
-                   "unless --benchmark)")
+    p.add_argument("--workdir", default=None, help="folder for checkpoint, metrics and samples (vqgan, base, "
+                   "superres: required; export: the run to export)")
     p.add_argument("--out", default=None, help="export: the folder to write the small checkpoint to; "
                                                  "tokenize: the folder to write the token files to")
     p.add_argument("--shard_size", type=int, default=10000, help="tokenize: examples per token file")
@@ -1003,14 +778,11 @@ def parse_args(argv=None):
                    help="tokenize: also store each caption's text embedding (--text_encoder, or the offline "
                         "default of --seed; --text_length tokens), so training never runs the text encoder")
     p.add_argument("--steps", type=int, default=1000, help="total training steps (including resumed ones)")
-    # default None, so that --benchmark can tell a batch asked for from the default
-    p.add_argument("--batch_size", type=int, default=None,
-                   help="global batch, split over all devices (default 64; --benchmark: 64 for the base "
-                        "preset, 16 for large, 8 otherwise)")
+    p.add_argument("--batch_size", type=int, default=64, help="global batch, split over all devices")
     p.add_argument("--grad_accum", type=int, default=0,
                    help="split each device's rows into K micro-batches and average their gradients (same "
                         "update, 1/K of the activation memory); 0: 1, except for the transformers on a CPU, "
-                        "where micro-batches of up to 512 tokens train faster (README, Speed)")
+                        "where micro-batches of up to 512 tokens train faster (docs/results.md)")
     p.add_argument("--seed", type=int, default=0, help="seeds the data, the init and the masking")
     p.add_argument("--num_examples", type=int, default=0,
                    help="shapes: a finite training set of N scenes (0: a new scene every time)")
@@ -1029,8 +801,7 @@ def parse_args(argv=None):
                         "tokenizers and text encoder; fresh optimizer and schedule)")
     p.add_argument("--text_encoder", default=None,
                    help="base: transformers T5 folder or hub name (default: offline ByT5 tokenizer + small random T5)")
-    p.add_argument("--text_length", type=int, default=None,
-                   help="prompt length in tokens, padded / truncated (default 64; --benchmark: 32)")
+    p.add_argument("--text_length", type=int, default=64, help="prompt length in tokens, padded / truncated")
     p.add_argument("--adv_weight", type=float, default=None, help="vqgan: adversarial weight (paper: 0.1; default: preset)")
     p.add_argument("--disc_start", type=int, default=1000, help="vqgan: step at which the adversarial loss starts")
     p.add_argument("--log_every", type=int, default=10, help="write metrics.jsonl every N steps")
@@ -1050,55 +821,27 @@ def parse_args(argv=None):
     p.add_argument("--coordinator", default=None, help="--multihost: HOST:PORT of process 0 (default: detected)")
     p.add_argument("--num_processes", type=int, default=None, help="--multihost: how many processes (default: detected)")
     p.add_argument("--process_id", type=int, default=None, help="--multihost: this process's index (default: detected)")
-    p.add_argument("--benchmark", default=None, choices=sorted(muse.PRESETS),
-                   help="base: time the train step of this preset with random weights and data on one "
-                        "device, print one JSON line (step time, analytic FLOPs, MFU) and exit")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="base, superres (and --benchmark): the transformer's compute dtype; weights, optimizer "
+                   help="base, superres: the transformer's compute dtype; weights, optimizer "
                         "and logits stay float32 (mixed precision, for TPUs and GPUs)")
     p.add_argument("--attention", default="xla", choices=["xla", "cudnn"],
-                   help="base, superres (and --benchmark): the attention kernel; cudnn: cuDNN's fused "
+                   help="base, superres: the attention kernel; cudnn: cuDNN's fused "
                         "flash attention (NVIDIA GPUs, with --dtype bfloat16)")
-    p.add_argument("--bench_steps", type=int, default=10, help="--benchmark: timed steps (after one warm-up step)")
-    p.add_argument("--profile", default=None, metavar="DIR",
-                   help=f"--benchmark: also trace {PROFILE_STEPS} steps into DIR and add the device time per step of each "
-                        "kind of op (matmul, attention, elementwise, ...) to the JSON; DIR/ops.txt lists the ops")
-    p.add_argument("--peak_tflops", type=float, default=None,
-                   help="--benchmark: the device's peak for MFU (default: the datasheet bf16 peak of a known "
-                        "GPU/TPU, whatever --dtype; on a CPU or unknown device a measured float32 matmul)")
-    p.add_argument("--peak_gflops", type=float, default=None, help="--benchmark: the same peak in GFLOP/s")
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a == "--benchmark" or a.startswith("--benchmark=") for a in argv):
+        p.error("--benchmark moved to bench.py: run `python bench.py train PRESET` (same flags, without the stage)")
     args = p.parse_args(argv)
     if not args.multihost and (args.coordinator or args.num_processes is not None or args.process_id is not None):
         p.error("--coordinator, --num_processes and --process_id go with --multihost")
-    if args.benchmark:
-        if args.stage != "base":
-            p.error(f"--benchmark times the base model's train step: run `train.py base --benchmark "
-                    f"{args.benchmark}`, not {args.stage}")
-        if args.peak_tflops is not None and args.peak_gflops is not None:
-            p.error("give --peak_tflops or --peak_gflops, not both")
-        if args.batch_size is None:
-            args.batch_size = BENCHMARK_BATCH.get(args.benchmark, 8)
-        if args.text_length is None:
-            args.text_length = 32
-        if min(args.batch_size, args.text_length, args.bench_steps) < 1:
-            p.error("--batch_size, --text_length and --bench_steps must be at least 1")
-        if args.grad_accum and args.batch_size % args.grad_accum:
-            p.error(f"--batch_size {args.batch_size} must be a multiple of --grad_accum {args.grad_accum}")
-    elif not args.workdir and args.stage != "tokenize":
-        p.error("the following arguments are required: --workdir (unless --benchmark or tokenize)")
+    if args.stage in ("vqgan", "base", "superres") and not args.workdir:
+        p.error("the following arguments are required: --workdir")
     presets = vqgan.PRESETS if args.stage == "vqgan" else muse.PRESETS
     if args.preset is not None and args.stage in ("vqgan", "base", "superres") and args.preset not in presets:
         p.error(f"--preset {args.preset}: not a {args.stage} preset (choose from {', '.join(presets)})")
     if args.grad_accum < 0:
         p.error("--grad_accum must be 1 or more (or 0: the default for the machine)")
-    if args.profile and not args.benchmark:
-        p.error("--profile goes with --benchmark (it traces the benchmark's steps)")
     if args.attention == "cudnn" and args.dtype != "bfloat16":
         p.error("--attention cudnn goes with --dtype bfloat16 (cuDNN's fused attention has no float32 kernel)")
-    if args.batch_size is None:
-        args.batch_size = 64
-    if args.text_length is None:
-        args.text_length = 64
     if args.decay_steps is None:
         args.decay_steps = args.steps
     return args
@@ -1106,11 +849,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.benchmark:
-        print(json.dumps(benchmark(args)))
-        return
     if args.stage == "export":
-        return export(args)
+        return export(args.workdir, args.out)
     if args.multihost:
         try:
             jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
@@ -1123,3 +863,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+

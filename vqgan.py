@@ -19,6 +19,9 @@ The public API is two methods of `VQGAN`:
 
 Images are float32 in [-1, 1], NHWC. Train it with `python train.py vqgan --data shapes ...`.
 
+Not implemented: the paper's decoder fine-tuning (§2.5: a larger decoder, with more residual
+layers and channels, trained on the frozen encoder's tokens).
+
 Departures from the paper / taming-transformers, and why:
   * No perceptual (LPIPS) loss: its VGG weights cannot be downloaded on an offline machine.
     Reconstruction is L1 or L2 plus the optional adversarial term.
@@ -87,11 +90,11 @@ PRESETS = {
 class Conv3x3(nn.Module):
     """A 3x3 'same' convolution, with nn.Conv's parameters (kernel (3, 3, Cin, Cout), bias).
 
-    On CPUs it runs as im2col + one matrix product: XLA:CPU computes the kernel gradient of
-    a convolution ~15x slower than its forward pass, while the matmul form trains a VQGAN
-    ~3x faster there. GPUs and TPUs have fast convolutions and use lax's directly, and so
-    does sampling (im2col=False): without gradients the matmul form only costs compile time
-    (2.8 s instead of 0.7 s for the 64 px decoder, a seventh of a cold `sample.py`).
+    A speed path for CPUs: there it runs as im2col + one matrix product, because XLA:CPU
+    computes a convolution's kernel gradient far slower than its forward pass, and the
+    matmul form trains a VQGAN about 3x faster (docs/results.md, "im2col convolutions on a
+    CPU"). GPUs and TPUs have fast convolutions and use lax's directly, and so does sampling
+    (im2col=False): without gradients the matmul form would only cost compile time.
     """
     features: int
     im2col: bool = True
@@ -284,11 +287,17 @@ def codebook_stats(counts):
 
 
 # Compiled entry points for callers outside a training step (sample.py, train.py's sample
-# grids): the model is a hashable dataclass, so it can be a static argument.
+# grids, tokenize): the model is a hashable dataclass, so it can be a static argument.
 encode_jit = jax.jit(lambda model, params, images: model.apply({"params": params}, images, method="encode"),
                      static_argnums=0)
 decode_jit = jax.jit(lambda model, params, ids: model.apply({"params": params}, ids, method="decode"),
                      static_argnums=0)
+
+
+def decode_ids(model, params, ids):
+    """Token ids (B, N), N = grid ** 2 -> uint8 images (B, S, S, 3)."""
+    g = model.cfg.grid
+    return to_uint8(decode_jit(model, params, ids.reshape(ids.shape[0], g, g)))
 
 
 def from_uint8(pixels):

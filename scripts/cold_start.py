@@ -18,7 +18,9 @@ import time
 t0 = time.perf_counter()
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import jax  # noqa: E402
+import checkpoint  # noqa: E402
 import sample  # noqa: E402
+import vqgan  # noqa: E402
 
 times = {"imports": time.perf_counter() - t0}
 
@@ -32,10 +34,10 @@ def timed(name, fn):
 
 prompt = sys.argv[1] if len(sys.argv) > 1 else "a red circle above a blue square"
 args = sample.parse_args([prompt])
-base, sr = timed("read_checkpoints", lambda: sample.load_pipeline(args.checkpoint, args.superres))
+base, sr = timed("read_checkpoints", lambda: checkpoint.load_pipeline(args.checkpoint, args.superres))
 lo_ids = timed("base_decode", lambda: sample.base_ids(args, base, [prompt], args.seed))
 hr_ids = timed("superres_decode", lambda: sample.superres_ids(args, sr, [prompt], lo_ids, args.seed))
-timed("vqgan_decode", lambda: sample.ids_to_images(sr.vq, sr.vq_params, hr_ids))
+timed("vqgan_decode", lambda: vqgan.decode_ids(sr.vq, sr.vq_params, hr_ids))
 timed("second_prompt_all_stages", lambda: sample.run(args, base, sr, [prompt], args.seed)[0])
 times["total_first_prompt"] = time.perf_counter() - t0 - times["second_prompt_all_stages"]
 print(json.dumps({k: round(v, 2) for k, v in times.items()}))

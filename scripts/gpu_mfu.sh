@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The paper-scale `base` preset's train step on a lent GPU (issue 5: MFU in bfloat16), as one
+# The paper-scale `base` preset's train step on a lent GPU (MFU in bfloat16), as one
 # command. OUT gets one JSON line per run (NAME.json), its stderr (NAME.err), the profile's
 # op table (prof/ops.txt) and nvidia-smi's utilisation every 5 s (smi.txt):
 #   bash scripts/gpu_mfu.sh OUT [SECONDS] [PRESET]    # SECONDS: the whole script's budget (540)
-# While the budget lasts: cuDNN attention at batch 256 (35.3% on an H200, 2026-11-27; 34.6% at
+# While the budget lasts: cuDNN attention at batch 256 (35.3% on an H200, docs/results.md; 34.6% at
 # 128, 27.6% at 64), a profiled run at 256, then XLA's attention at batch 128. XLA runs the
 # step as CUDA graphs (command buffers), which a trace sees as one event; the profiled run turns
 # them off so that each kernel shows, and is timed apart.
@@ -18,7 +18,7 @@ smi=$!
 run() {   # NAME MIN_SECONDS ARGS...: one benchmark if MIN_SECONDS of the budget are left
   local name=$1 need=$2 left=$(( budget - ($(date +%s) - t0) )); shift 2
   [ $left -lt $need ] && { echo "$name: skipped, ${left}s left"; return; }
-  timeout $left python3 train.py base --benchmark "$preset" --dtype bfloat16 "$@" > "$out/$name.json" 2> "$out/$name.err"
+  timeout $left python3 bench.py train "$preset" --dtype bfloat16 "$@" > "$out/$name.json" 2> "$out/$name.err"
   echo "$name: rc=$? at $(( $(date +%s) - t0 ))s"; cat "$out/$name.json"
 }
 run cudnn_b256 110 --attention cudnn --batch_size 256

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One lent GPU session, as one command (README.md, "On a GPU"): the benchmarks of issues 5
-# and 6, then three demo trainings side by side on the same GPU, exported for the CPU's
-# `sample.py --evaluate shapes` to judge:
+# One lent GPU session, as one command (docs/results.md, "Speed on a GPU"): the benchmarks,
+# then three demo trainings side by side on the same GPU, exported for the CPU's
+# `evaluate.py shapes` to judge:
 #   ft_base:  the shipped base model fine-tuned (--init checkpoints/demo/base);
 #   ft_sr:    the shipped super-res model fine-tuned (--init checkpoints/demo/superres);
 #   sr:       a super-res model from scratch on the shipped tokenizers (the reproducible path).
@@ -25,21 +25,19 @@ cat "$out/env.txt"
 
 # 1. benchmarks, each alone on the device; a failure or a hang costs only its own line
 if [ "$limit" = test ]; then
-  benches=("train.py base --benchmark tiny --bench_steps 2" "sample.py --benchmark tiny")
+  benches=("bench.py train tiny --bench_steps 2" "bench.py sample tiny")
   limit=0; batch=(4 4); workers=1
 else
-  benches=("train.py base --benchmark base --dtype bfloat16"
-           "train.py base --benchmark small --dtype bfloat16" "train.py base --benchmark medium --dtype bfloat16"
-           "sample.py --benchmark small --dtype bfloat16" "sample.py --benchmark medium --dtype bfloat16")
+  benches=("bench.py train base --dtype bfloat16"
+           "bench.py train small --dtype bfloat16" "bench.py train medium --dtype bfloat16"
+           "bench.py sample small --dtype bfloat16" "bench.py sample medium --dtype bfloat16")
   batch=(256 128); workers=4
 fi
 for b in "${benches[@]}"; do
   stamp "benchmark: $b"
-  # the paper-scale base preset printed nothing within 150 s nor 200 s on an H100: its jitted
-  # init compiled for 135 s, then the step for 73 s (H200, 2026-11-27); the init is eager now
-  # (~20 s), but the step still compiles for 60-90 s, so it gets 420 s (its progress lines on
-  # stderr, kept in bench.err, say how far it got)
-  case $b in *"--benchmark base "*) t=420 ;; *) t=150 ;; esac
+  # the paper-scale base preset's step compiles for 60-90 s on an H100, so it gets 420 s (its
+  # progress lines on stderr, kept in bench.err, say how far it got)
+  case $b in *"train base "*) t=420 ;; *) t=150 ;; esac
   timeout $t python3 $b 2>>"$out/bench.err" | tail -n 1 | tee -a "$out/bench.jsonl"
 done
 

@@ -9,7 +9,7 @@ as ours. Setup, in a separate environment:
     /tmp/peer/bin/pip uninstall -y torchvision      # no build for torch 2.13 here; stubbed below
     /tmp/peer/bin/python scripts/peer_bench.py small     # one JSON line; medium takes ~4 min
 
-The issue-6 configurations: random weights, batch 8, text embeddings 32 x 256 given directly (the
+The `small` and `medium` configurations of bench.py: random weights, batch 8, text embeddings 32 x 256 given directly (the
 peer's T5 call is replaced), codebook 512, 24 decoding steps with guidance 3 through the peer's own
 MaskGit.generate (conditional and unconditional passes run separately there), no VQ decode. The
 train step is MaskGit.forward (its masking and loss) + backward + AdamW. Medians of 5 runs

@@ -2,7 +2,7 @@
 # Retrain the shipped demo pipeline (checkpoints/demo) from scratch on the shapes world.
 #
 #   bash scripts/train_demo.sh gpu  RUNS   # one GPU: ~8.5 min end to end (512 s on an H200); made the shipped files
-#   bash scripts/train_demo.sh cpu  RUNS   # a 2-core CPU: 93 min, one stage at a time; 78.5-84% (README)
+#   bash scripts/train_demo.sh cpu  RUNS   # a 2-core CPU: 93 min, one stage at a time; 78.5-84% (docs/results.md)
 #   bash scripts/train_demo.sh test RUNS   # a few steps of each stage: checks the script itself (gpu's order)
 #
 # Every stage stops at its --time_limit, having fitted its cosine schedule to the speed it
@@ -22,14 +22,14 @@
 # Then both transformers are exported to float16 checkpoints in RUNS/demo, which
 # `python sample.py --checkpoint RUNS/demo` reads (copy it to checkpoints/demo to ship it).
 #
-# How the shipped files were made (README.md, "How it was trained"): this script's gpu mode at
-# commit 1d163f2 on one H200 (2026-11-27), `bash scripts/train_demo.sh gpu /tmp/runs`, then
-# `cp -r /tmp/runs/demo/* checkpoints/demo/`; 512 s wall, 96.8-97.8% on the checker (README).
+# How the shipped files were made (docs/results.md, "How the shipped demo was trained"): this
+# script's gpu mode on one H200, `bash scripts/train_demo.sh gpu /tmp/runs`, then
+# `cp -r /tmp/runs/demo/* checkpoints/demo/`; 512 s wall, 96.8-97.8% on the checker.
 set -euo pipefail
 mode=${1:?usage: train_demo.sh gpu|cpu|test RUNS}
 runs=${2:?usage: train_demo.sh gpu|cpu|test RUNS}
 # "purple triangle" and "yellow square" never appear in a relation caption during training;
-# `sample.py --evaluate shapes` scores such captions separately (held-out composition).
+# `evaluate.py shapes` scores such captions separately (held-out composition).
 common=(--data shapes --holdout "purple triangle,yellow square" --sample_every 0 --log_every 25 --ckpt_every 2000)
 case $mode in
   #       vq32: batch, s   vq64: steps, batch, s   base: preset, batch, s, lr    superres: preset, batch, s, lr     data workers, round 3 beside base

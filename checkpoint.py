@@ -1,0 +1,197 @@
+"""Checkpoints: how a run is stored on disk, read back and shipped, and how a trained pipeline
+is loaded for sampling; and the one-line error that every command line ends bad input with.
+
+    runs/base/checkpoint.msgpack                 written by `python train.py base ...` (and vqgan, superres)
+    checkpoints/demo/{base,superres}/            written by `python train.py export` (float16, no optimizer)
+
+A checkpoint is one msgpack file holding one dict, everything needed to resume or sample
+(nanoGPT's rule):
+    step, rng       where the run stands (the training step, its PRNG key)
+    params          the trained weights (a vqgan run: {"vqgan", "disc"}; base/superres: the transformer)
+    opt_state       AdamW's moments (training checkpoints only; `export` drops them)
+    consts          the frozen networks a transformer stage was trained over: {"vqgan", "t5"}
+                    (+ "vqgan_hr" for super-resolution), so a checkpoint samples on its own
+    config          JSON: the stage, every model config and the trajectory's flags (train.py new_run)
+It is written to a temporary name, flushed and renamed into place, so a crash mid-write leaves
+the previous checkpoint intact.
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import jax
+from flax import serialization
+
+import muse
+import vqgan
+
+CHECKPOINT = "checkpoint.msgpack"
+
+
+# -----------------------------------------------------------------------------
+# Bad input: one line on stderr and a non-zero exit, no traceback
+# -----------------------------------------------------------------------------
+
+def fail(message, code=1):
+    """Bad input: one line on stderr and a non-zero exit, no traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit code 2) instead of a usage dump."""
+
+    def error(self, message):
+        fail(f"{self.prog}: {message}", code=2)
+
+
+# -----------------------------------------------------------------------------
+# Writing and reading checkpoints
+# -----------------------------------------------------------------------------
+
+def write_atomically(path, payload):
+    """payload: a pytree (msgpack) or bytes, written to path.tmp and renamed onto path."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(payload if isinstance(payload, bytes) else serialization.msgpack_serialize(payload))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)                       # atomic on POSIX
+
+
+def save_checkpoint(workdir, state, consts, config, rng):
+    """A training checkpoint: state {"params", "opt_state", "step"}, the frozen `consts`, the run's config."""
+    payload = jax.tree.map(np.asarray, {
+        "step": state["step"], "rng": rng,
+        "params": state["params"], "opt_state": serialization.to_state_dict(state["opt_state"]),
+        "consts": {k: consts[k] for k in ("vqgan", "vqgan_hr", "t5") if k in consts}})
+    payload["config"] = json.dumps(config)
+    write_atomically(os.path.join(workdir, CHECKPOINT), payload)
+
+
+def read_checkpoint(path):
+    """The raw contents of a checkpoint (a workdir or its checkpoint.msgpack) as nested dicts."""
+    file = os.path.join(path, CHECKPOINT) if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        fail(f"no checkpoint at {path} (train one with `python train.py ...`, or pass --checkpoint DIR)")
+    try:
+        with open(file, "rb") as f:
+            ckpt = serialization.msgpack_restore(f.read())
+        ckpt["config"] = json.loads(ckpt["config"])
+    except Exception as e:                      # truncated, or not a checkpoint at all
+        fail(f"{file} is not a readable checkpoint ({type(e).__name__}: {e})")
+    # shipped checkpoints store their weights in float16 (export); compute in float32
+    return jax.tree.map(lambda x: x.astype(np.float32) if getattr(x, "dtype", None) == np.float16 else x, ckpt)
+
+
+def export(workdir, out):
+    """`train.py export --workdir RUN --out DIR`: a checkpoint to ship, for sampling only.
+
+    Drops the optimizer state (2/3 of a training checkpoint) and stores the float32 weights
+    in float16, which read_checkpoint casts back: the demo's pipeline fits in a few MB, and
+    float16's 11-bit mantissa is far finer than anything visible in a sample.
+    """
+    ckpt = read_checkpoint(workdir)
+    if ckpt["config"]["stage"] not in ("base", "superres"):
+        fail(f"export: {workdir} is a {ckpt['config']['stage']!r} run; export base and superres runs "
+             "(they hold their tokenizers)")
+    if not out:
+        fail("export: pass --out DIR")
+    half = lambda x: x.astype(np.float16) if x.dtype == np.float32 else x
+    payload = {"step": ckpt["step"], "params": jax.tree.map(half, ckpt["params"]),
+               "consts": jax.tree.map(half, ckpt["consts"]), "config": json.dumps(ckpt["config"])}
+    os.makedirs(out, exist_ok=True)
+    write_atomically(os.path.join(out, CHECKPOINT), payload)
+    if ckpt["config"]["tokenizer"] != "byt5":   # a pretrained T5's tokenizer files travel with it
+        shutil.copytree(os.path.join(workdir, ckpt["config"]["tokenizer"]),
+                        os.path.join(out, ckpt["config"]["tokenizer"]), dirs_exist_ok=True)
+    size = os.path.getsize(os.path.join(out, CHECKPOINT)) / 2 ** 20
+    print(f"exported {workdir} (step {int(ckpt['step'])}) to {out}: {size:.1f} MB")
+
+
+def read_tokenizer(path, flag, why):
+    """A trained VQGAN given by `flag` (--vqgan, --vqgan_hr): a vqgan run, or a tokenizer held
+    inside a base or superres run (so `--vqgan checkpoints/demo/base --vqgan_hr
+    checkpoints/demo/superres` trains on the shipped demo's tokenizers). -> a vqgan checkpoint."""
+    if not path:
+        fail(f"{why}: pass {flag} DIR (from `python train.py vqgan ...`)")
+    ckpt = read_checkpoint(path)
+    stage = ckpt["config"]["stage"]
+    if stage in ("base", "superres"):
+        key = flag.lstrip("-")                  # "vqgan" or "vqgan_hr"
+        if key not in ckpt["consts"]:
+            fail(f"{flag} {path}: this {stage} checkpoint holds no {key!r} tokenizer")
+        return {"config": {"stage": "vqgan", "vqgan": ckpt["config"][key]},
+                "params": {"vqgan": ckpt["consts"][key]}}
+    if stage != "vqgan":
+        fail(f"{flag} {path}: holds a {stage!r} checkpoint, not a vqgan, base or superres one")
+    return ckpt
+
+
+# -----------------------------------------------------------------------------
+# Loading a trained pipeline: base -> super-resolution, each with its tokenizer and text encoder
+# -----------------------------------------------------------------------------
+
+@dataclass
+class Stage:
+    """One trained transformer with what it needs to run: its params, the VQGAN whose
+    tokens it predicts (the high-res one for super-resolution) and its text encoder."""
+    model: muse.MaskedTransformer
+    params: dict
+    vq: vqgan.VQGAN
+    vq_params: dict
+    text_encoder: muse.TextEncoder
+    config: dict                                # the run's full config (train.py new_run)
+
+
+def load_text_encoder(config, t5_params, folder):
+    """The frozen text encoder stored in a checkpoint (tokenizer files, if any, in `folder`)."""
+    if config["tokenizer"] == "byt5":
+        tokenizer = muse.byte_tokenizer()
+    else:
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(os.path.join(folder, config["tokenizer"]))
+    return muse.TextEncoder(muse.T5Config(**config["t5"]), t5_params, tokenizer, config["text_length"])
+
+
+def load_stage(path, stage):
+    """A `train.py base` or `train.py superres` workdir (or its export) -> Stage."""
+    ckpt = read_checkpoint(path)
+    config = ckpt["config"]
+    if config.get("stage") != stage:
+        fail(f"{path} holds a {config.get('stage')!r} checkpoint; expected a {stage} one (`train.py {stage}`)")
+    try:
+        out = "vqgan_hr" if stage == "superres" else "vqgan"
+        folder = path if os.path.isdir(path) else os.path.dirname(path)
+        vq_cfg = vqgan.VQGANConfig(**dict(config[out], im2col=False))   # no gradients here (Conv3x3)
+        # a model trained with cuDNN's fused attention (train.py --attention cudnn) samples with
+        # XLA's, the same maths, wherever there is no GPU
+        attention = config["muse"].get("attention", "xla") if jax.default_backend() == "gpu" else "xla"
+        cfg = muse.MuseConfig(**dict(config["muse"], attention=attention))
+        return Stage(muse.MaskedTransformer(cfg), ckpt["params"],
+                     vqgan.VQGAN(vq_cfg), ckpt["consts"][out],
+                     load_text_encoder(config, ckpt["consts"]["t5"], folder), config)
+    except (KeyError, TypeError, OSError) as e:
+        fail(f"{path}: incompatible checkpoint ({type(e).__name__}: {e})")
+
+
+def load_pipeline(path, superres=None):
+    """-> (base Stage, super-res Stage or None).
+
+    `path` is a base workdir, or a folder holding `base/` and optionally `superres/` (the
+    layout of a shipped pipeline); `superres` names a super-res workdir explicitly.
+    """
+    if os.path.isdir(os.path.join(path, "base")):
+        if superres is None and os.path.isdir(os.path.join(path, "superres")):
+            superres = os.path.join(path, "superres")
+        path = os.path.join(path, "base")
+    base = load_stage(path, "base")
+    sr = load_stage(superres, "superres") if superres else None
+    if sr is not None and (sr.model.cfg.lowres_grid != base.model.cfg.grid
+                           or sr.model.cfg.lowres_codebook_size != base.model.cfg.codebook_size):
+        fail(f"{superres}: this super-res model was trained on another low-res tokenizer than {path}'s")
+    return base, sr
