@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 import muse
 import train
-from checkpoint import Parser, fail
+from checkpoint import Parser, fail, finite, seed
 
 jax.config.update("jax_threefry_partitionable", False)     # as train.py and sample.py (muse.example_keys)
 
@@ -409,11 +409,11 @@ def parse_args(argv=None):
     t.add_argument("--attention", default="xla", choices=["xla", "cudnn"],
                    help="the attention kernel; cudnn: cuDNN's fused flash attention (NVIDIA GPUs, bfloat16)")
     t.add_argument("--bench_steps", type=int, default=10, help="timed steps (after one warm-up step)")
-    t.add_argument("--seed", type=int, default=0, help="seeds the random weights and data")
-    t.add_argument("--peak_tflops", type=float, default=None,
+    t.add_argument("--seed", type=seed, default=0, help="seeds the random weights and data")
+    t.add_argument("--peak_tflops", type=finite, default=None,
                    help="the device's peak for MFU (default: the datasheet bf16 peak of a known GPU/TPU, "
                         "whatever --dtype; on a CPU or unknown device a measured float32 matmul)")
-    t.add_argument("--peak_gflops", type=float, default=None, help="the same peak in GFLOP/s")
+    t.add_argument("--peak_gflops", type=finite, default=None, help="the same peak in GFLOP/s")
     args = p.parse_args(argv)
     if args.what == "sample":
         if min(args.batch_size, args.steps) < 1:
@@ -423,6 +423,8 @@ def parse_args(argv=None):
         args.batch_size = TRAIN_BATCH.get(args.preset, 8)
     if args.peak_tflops is not None and args.peak_gflops is not None:
         p.error("give --peak_tflops or --peak_gflops, not both")
+    if min(x for x in (args.peak_tflops, args.peak_gflops, 1) if x is not None) <= 0:
+        p.error("--peak_tflops and --peak_gflops must be above 0")
     if min(args.batch_size, args.text_length, args.bench_steps) < 1:
         p.error("--batch_size, --text_length and --bench_steps must be at least 1")
     if args.grad_accum < 0:

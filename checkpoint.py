@@ -12,11 +12,20 @@ A checkpoint is one msgpack file holding one dict, everything needed to resume o
     consts          the frozen networks a transformer stage was trained over: {"vqgan", "t5"}
                     (+ "vqgan_hr" for super-resolution), so a checkpoint samples on its own
     config          JSON: the stage, every model config and the trajectory's flags (train.py new_run)
-It is written to a temporary name, flushed and renamed into place, so a crash mid-write leaves
-the previous checkpoint intact.
+What can go wrong, and what happens then:
+  - a crash or kill mid-write: the file is written to a temporary name, flushed and renamed
+    into place, so the previous checkpoint stays intact; a failed write (a full disk) removes
+    the temporary file, says so in one line and keeps the previous checkpoint;
+  - bytes damaged afterwards: the file stores a SHA-256 of its payload, checked on every read
+    (checkpoints written before the checksum existed still load, unchecked);
+  - weights that are not finite: never written (train.py checks before saving), and refused
+    on reading, so a broken run cannot hand its NaNs to sampling, --init or --vqgan.
 """
 import argparse
+import contextlib
+import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -25,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import jax
 from flax import serialization
+from tqdm import tqdm
 
 import muse
 import vqgan
@@ -37,8 +47,9 @@ CHECKPOINT = "checkpoint.msgpack"
 # -----------------------------------------------------------------------------
 
 def fail(message, code=1):
-    """Bad input: one line on stderr and a non-zero exit, no traceback."""
-    print(f"error: {message}", file=sys.stderr)
+    """Bad input: one line on stderr and a non-zero exit, no traceback (on a line of its own,
+    also when a progress bar is being drawn there)."""
+    tqdm.write(f"error: {message}", file=sys.stderr)
     sys.exit(code)
 
 
@@ -49,18 +60,82 @@ class Parser(argparse.ArgumentParser):
         fail(f"{self.prog}: {message}", code=2)
 
 
+def finite(text):
+    """argparse type of every float flag: a number, not nan or inf (which would run, and draw noise)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+# Seeds are 32-bit under the threefry PRNG: PRNGKey(2 ** 32) is PRNGKey(0), so a larger seed
+# would silently repeat another's images. (sample.py also uses seed + 1, for super-resolution.)
+MAX_SEED = 2 ** 32 - 2
+
+
+def seed(text):
+    """argparse type of --seed: an integer in [0, MAX_SEED]."""
+    value = int(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{text} is outside 0..{MAX_SEED} (the PRNG's 32-bit seeds)")
+    return value
+
+
+def unwritable(path, folder=True):
+    """Why `path` cannot be written (as a folder, or with folder=False as a file), or None.
+    Checked before any model loads, so that a bad output path costs no compute."""
+    if os.path.exists(path) and os.path.isdir(path) != folder:
+        return f"{path} is {'a file' if folder else 'a folder'}"
+    parent = os.path.abspath(path if folder else os.path.dirname(os.path.abspath(path)))
+    while not os.path.exists(parent):           # (the root exists, so this ends)
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is a file, so {path} cannot be made"
+    if not os.access(parent, os.W_OK):
+        return f"{parent} is not writable"
+    return None
+
+
+def nonfinite(tree):
+    """The '/'-joined name of the first float array in `tree` holding a nan or inf, else None."""
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if np.issubdtype(np.asarray(x).dtype, np.floating) and not np.isfinite(x).all():
+            return "/".join(str(getattr(k, "key", k)) for k in path)
+    return None
+
+
 # -----------------------------------------------------------------------------
 # Writing and reading checkpoints
 # -----------------------------------------------------------------------------
 
 def write_atomically(path, payload):
-    """payload: a pytree (msgpack) or bytes, written to path.tmp and renamed onto path."""
+    """payload: a pytree (msgpack) or bytes, written to path.tmp and renamed onto path.
+
+    A write that fails (a full disk, a read-only folder) removes path.tmp, which would keep
+    the disk full, and ends the program with one line; the file at `path` is untouched."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(payload if isinstance(payload, bytes) else serialization.msgpack_serialize(payload))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)                       # atomic on POSIX
+    try:
+        with open(tmp, "wb") as f:
+            f.write(payload if isinstance(payload, bytes) else serialization.msgpack_serialize(payload))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)                   # atomic on POSIX
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        folder = os.path.dirname(os.path.abspath(path))
+        with contextlib.suppress(OSError):
+            folder += f", {shutil.disk_usage(folder).free / 2 ** 20:.0f} MB free"
+        kept = "the previous file is kept" if os.path.exists(path) else "nothing was written"
+        fail(f"could not write {path} ({e.strerror or e}; {folder}); {kept}")
+
+
+def write_checkpoint(path, payload):
+    """A checkpoint file: the msgpack payload, wrapped with its SHA-256 so that read_checkpoint
+    can tell a file damaged after it was written from a good one."""
+    body = serialization.msgpack_serialize(payload)
+    write_atomically(path, serialization.msgpack_serialize({"sha256": hashlib.sha256(body).hexdigest(),
+                                                             "payload": body}))
 
 
 def save_checkpoint(workdir, state, consts, config, rng):
@@ -70,20 +145,31 @@ def save_checkpoint(workdir, state, consts, config, rng):
         "params": state["params"], "opt_state": serialization.to_state_dict(state["opt_state"]),
         "consts": {k: consts[k] for k in ("vqgan", "vqgan_hr", "t5") if k in consts}})
     payload["config"] = json.dumps(config)
-    write_atomically(os.path.join(workdir, CHECKPOINT), payload)
+    bad = nonfinite({"params": payload["params"], "opt_state": payload["opt_state"]})
+    if bad:                                     # train.py checks first; this is the last line of defence
+        fail(f"not writing a checkpoint of step {int(state['step'])} to {workdir}: {bad} is not finite")
+    write_checkpoint(os.path.join(workdir, CHECKPOINT), payload)
 
 
 def read_checkpoint(path):
-    """The raw contents of a checkpoint (a workdir or its checkpoint.msgpack) as nested dicts."""
+    """The raw contents of a checkpoint (a workdir or its checkpoint.msgpack) as nested dicts:
+    its checksum verified, its weights (params, consts) finite."""
     file = os.path.join(path, CHECKPOINT) if os.path.isdir(path) else path
     if not os.path.isfile(file):
         fail(f"no checkpoint at {path} (train one with `python train.py ...`, or pass --checkpoint DIR)")
     try:
         with open(file, "rb") as f:
             ckpt = serialization.msgpack_restore(f.read())
+        if set(ckpt) == {"sha256", "payload"}:
+            if hashlib.sha256(ckpt["payload"]).hexdigest() != ckpt["sha256"]:
+                fail(f"{file} is damaged: its contents do not match the checksum written with them")
+            ckpt = serialization.msgpack_restore(ckpt["payload"])
         ckpt["config"] = json.loads(ckpt["config"])
     except Exception as e:                      # truncated, or not a checkpoint at all
         fail(f"{file} is not a readable checkpoint ({type(e).__name__}: {e})")
+    bad = nonfinite({"params": ckpt.get("params", {}), "consts": ckpt.get("consts", {})})
+    if bad:
+        fail(f"{file} holds weights that are not finite ({bad}): the run diverged before it was saved")
     # shipped checkpoints store their weights in float16 (export); compute in float32
     return jax.tree.map(lambda x: x.astype(np.float32) if getattr(x, "dtype", None) == np.float16 else x, ckpt)
 
@@ -95,22 +181,41 @@ def export(workdir, out):
     in float16, which read_checkpoint casts back: the demo's pipeline fits in a few MB, and
     float16's 11-bit mantissa is far finer than anything visible in a sample.
     """
+    if not out:
+        fail("export: pass --out DIR")
+    target = os.path.join(out, CHECKPOINT)
+    if os.path.realpath(out) == os.path.realpath(workdir):
+        fail(f"export: --out {out} is the run's own folder: the export would replace its training checkpoint")
+    if os.path.exists(target):                  # a run's checkpoint, or an earlier export: never replaced
+        fail(f"export: {target} exists; choose another --out (or remove it first)")
+    if os.path.exists(out) and not os.path.isdir(out):
+        fail(f"export: --out {out} is a file; pass a folder")
     ckpt = read_checkpoint(workdir)
     if ckpt["config"]["stage"] not in ("base", "superres"):
         fail(f"export: {workdir} is a {ckpt['config']['stage']!r} run; export base and superres runs "
              "(they hold their tokenizers)")
-    if not out:
-        fail("export: pass --out DIR")
     half = lambda x: x.astype(np.float16) if x.dtype == np.float32 else x
     payload = {"step": ckpt["step"], "params": jax.tree.map(half, ckpt["params"]),
                "consts": jax.tree.map(half, ckpt["consts"]), "config": json.dumps(ckpt["config"])}
     os.makedirs(out, exist_ok=True)
-    write_atomically(os.path.join(out, CHECKPOINT), payload)
+    write_checkpoint(target, payload)
     if ckpt["config"]["tokenizer"] != "byt5":   # a pretrained T5's tokenizer files travel with it
         shutil.copytree(os.path.join(workdir, ckpt["config"]["tokenizer"]),
                         os.path.join(out, ckpt["config"]["tokenizer"]), dirs_exist_ok=True)
     size = os.path.getsize(os.path.join(out, CHECKPOINT)) / 2 ** 20
     print(f"exported {workdir} (step {int(ckpt['step'])}) to {out}: {size:.1f} MB")
+
+
+def shape_mismatch(want, got):
+    """The first '/'-joined name where two param trees (flax state or nested dicts; arrays or
+    ShapeDtypeStructs) differ in names or shapes, else None."""
+    flat = lambda tree: {"/".join(str(getattr(k, "key", k)) for k in p): np.shape(x)
+                         for p, x in jax.tree_util.tree_flatten_with_path(serialization.to_state_dict(tree))[0]}
+    want, got = flat(want), flat(got)
+    for name in sorted(set(want) | set(got)):
+        if want.get(name) != got.get(name):
+            return f"{name}: expected {want.get(name, 'nothing')}, found {got.get(name, 'nothing')}"
+    return None
 
 
 def read_tokenizer(path, flag, why):
@@ -172,11 +277,27 @@ def load_stage(path, stage):
         # XLA's, the same maths, wherever there is no GPU
         attention = config["muse"].get("attention", "xla") if jax.default_backend() == "gpu" else "xla"
         cfg = muse.MuseConfig(**dict(config["muse"], attention=attention))
-        return Stage(muse.MaskedTransformer(cfg), ckpt["params"],
-                     vqgan.VQGAN(vq_cfg), ckpt["consts"][out],
-                     load_text_encoder(config, ckpt["consts"]["t5"], folder), config)
-    except (KeyError, TypeError, OSError) as e:
+        stage = Stage(muse.MaskedTransformer(cfg), ckpt["params"], vqgan.VQGAN(vq_cfg), ckpt["consts"][out],
+                      load_text_encoder(config, ckpt["consts"]["t5"], folder), config)
+    except (KeyError, TypeError, ValueError, OSError) as e:
         fail(f"{path}: incompatible checkpoint ({type(e).__name__}: {e})")
+    # the weights must be those the stored configs describe (shapes only: nothing is computed)
+    rng, L = jax.random.PRNGKey(0), config["text_length"]
+    ids, text = np.zeros((1, cfg.num_tokens), np.int32), np.zeros((1, L, stage.text_encoder.cfg.d_model))
+    lowres = np.zeros((1, cfg.lowres_grid ** 2), np.int32) if cfg.lowres_grid else None
+    S = vq_cfg.resolution
+    for what, init, got in (
+            ("transformer", lambda: stage.model.init(rng, ids, text, np.ones((1, L), bool), lowres), stage.params),
+            (out, lambda: stage.vq.init(rng, np.zeros((1, S, S, 3))), stage.vq_params),
+            ("t5", lambda: stage.text_encoder.model.init(rng, np.zeros((1, L), np.int32), np.ones((1, L), bool)),
+             stage.text_encoder.params)):
+        try:
+            bad = shape_mismatch(jax.eval_shape(init)["params"], got)
+        except Exception as e:                  # a config no model can be built from
+            bad = f"{type(e).__name__}: {e}"
+        if bad:
+            fail(f"{path}: its {what} weights do not match the config stored with them ({bad})")
+    return stage
 
 
 def load_pipeline(path, superres=None):

@@ -205,22 +205,28 @@ def json_caption(raw):
 
 
 def index_folder(folder, counts):
-    """Records of an image folder's metadata.jsonl: (file name, image path, caption)."""
-    records = []
-    with open(os.path.join(folder, "metadata.jsonl")) as f:
-        for line in f:
-            if not line.strip():
+    """Records of an image folder's metadata.jsonl: (file name, image path, caption).
+
+    A line that is not UTF-8, not a JSON object, or whose file_name or text is missing or not
+    a string is a bad sample: skipped, counted as incomplete, and named in one warning."""
+    records, bad = [], []
+    path = os.path.join(folder, "metadata.jsonl")
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             try:
-                row = json.loads(line)
-                name, text = row["file_name"], row.get("text")
-            except (ValueError, KeyError, TypeError):
+                row = json.loads(raw.decode("utf-8"))
+                name, text = row["file_name"], row["text"]
+                if not isinstance(name, str) or not isinstance(text, str) or not name or not text.strip():
+                    raise TypeError("file_name and text must be non-empty strings")
+            except (ValueError, KeyError, TypeError) as e:   # (UnicodeDecodeError is a ValueError)
                 counts["incomplete"] += 1
-                continue
-            if not text:
-                counts["incomplete"] += 1
+                bad.append(f"line {number}: {type(e).__name__}: {e}"[:120])
                 continue
             records.append((name, (os.path.join(folder, name), 0, None), text))
+    if bad:
+        print(f"warning: {path}: {len(bad)} bad line(s) skipped (first: {bad[0]})", file=sys.stderr)
     return records
 
 
@@ -272,11 +278,28 @@ def index_tokens(path, counts):
     return [(f"{path}:{i}", (arrays, i), c) for i, c in enumerate(captions)]
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any image PIL reads -> RGB with its values kept. PIL's own convert("RGB") clips 16- and
+    32-bit greyscale (modes I;16, I, F) at 255, which turns most of them white: they are scaled
+    from their range instead (0-65535, or 0-1 for float images in [0, 1]). Transparent pixels
+    (RGBA, LA, PA, P with a transparent colour) are composited onto white, the background the
+    shapes world draws on; CMYK, YCbCr, 1 and L convert as PIL does."""
+    if img.mode.startswith("I") or img.mode == "F":
+        a = np.asarray(img, np.float64)
+        top = 1.0 if img.mode == "F" and a.max() <= 1 else 255.0 if a.max() <= 255 else 65535.0 \
+            if a.max() <= 65535 else a.max()
+        return Image.fromarray(np.clip(a / top * 255 + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return img.convert("RGB")
+
+
 def decode(image, resolutions):
     """A record's image at each resolution, or None if it cannot be read or decoded."""
     try:
         with Image.open(io.BytesIO(read_bytes(image))) as img:
-            img = img.convert("RGB")
+            img = to_rgb(img)
             return [center_crop(img, r) for r in resolutions]
     except Exception:   # PIL raises many types on bad bytes (OSError, SyntaxError, ValueError...)
         return None

@@ -25,7 +25,7 @@ import checkpoint
 import sample
 import shapes
 import vqgan
-from checkpoint import Parser
+from checkpoint import Parser, unwritable
 
 
 # -----------------------------------------------------------------------------
@@ -296,6 +296,8 @@ def parse_args(argv=None):
         args.guidance = 3.0
     if min(args.steps, args.sr_steps, args.num, args.batch_size) < 1:
         p.error("--steps, --sr_steps, --num and --batch_size must be at least 1")
+    if args.outdir and unwritable(args.outdir):
+        p.error(f"--outdir: {unwritable(args.outdir)}")
     return args
 
 

@@ -31,7 +31,7 @@ from PIL import Image
 import data
 import muse
 import vqgan
-from checkpoint import Parser, fail, load_pipeline
+from checkpoint import Parser, fail, finite, load_pipeline, seed, unwritable
 
 # Every random draw here is keyed per example (muse.example_keys) and none is sharded across
 # devices, which is all the default "partitionable" threefry PRNG is for; XLA:CPU compiles the
@@ -40,6 +40,7 @@ jax.config.update("jax_threefry_partitionable", False)
 
 # the shipped demo pipeline (README.md), found wherever sample.py is run from
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "demo")
+MAX_GRID = 4096                                 # images in one --num grid (a 64 px grid of 4096 is 48 MB)
 
 
 # -----------------------------------------------------------------------------
@@ -54,26 +55,26 @@ def centre_square(a):
     return a[(h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
 
 
+def open_image(path, what):
+    """An image file of any mode PIL reads -> RGB (data.to_rgb), or one line naming the problem:
+    unreadable, or so large that PIL takes it for a decompression bomb."""
+    try:
+        with Image.open(path) as img:
+            return data.to_rgb(img)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        fail(f"{what} {path}: not a readable image ({e})")
+
+
 def load_image(path, resolution, what="--init"):
     """An image file -> float32 (S, S, 3) in [-1, 1], centre-cropped to a square and resized."""
-    try:
-        img = Image.open(path).convert("RGB")
-    except (OSError, ValueError) as e:
-        fail(f"{what} {path}: not a readable image ({e})")
-    return vqgan.from_uint8(data.center_crop(img, resolution))
+    return vqgan.from_uint8(data.center_crop(open_image(path, what), resolution))
 
 
 def load_mask(path, image_path):
     """A mask PNG (white = regenerate), as large as the --init image -> bool (S, S): its
     centre square, the part of the image that load_image keeps."""
-    try:
-        size = Image.open(image_path).size
-    except (OSError, ValueError) as e:
-        fail(f"--init {image_path}: not a readable image ({e})")
-    try:
-        mask = Image.open(path).convert("L")
-    except (OSError, ValueError) as e:
-        fail(f"--mask {path}: not a readable image ({e})")
+    size = open_image(image_path, "--init").size
+    mask = open_image(path, "--mask").convert("L")
     if mask.size != size:
         fail(f"--mask {path} is {mask.size[0]}x{mask.size[1]} but --init {image_path} is {size[0]}x{size[1]}")
     mask = np.asarray(mask) > 127
@@ -217,22 +218,22 @@ def add_sampling_flags(p):
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
                    help="a `train.py base` workdir, or a folder with base/ and superres/")
     p.add_argument("--superres", default=None, help="a `train.py superres` workdir to run after the base model")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--seed", type=seed, default=0, help="sampling seed")
     p.add_argument("--steps", type=int, default=24, help="parallel decoding steps (paper: 24 for the base model)")
     p.add_argument("--sr_steps", type=int, default=8, help="super-resolution decoding steps (paper: 8)")
-    p.add_argument("--guidance", type=float, default=None,
+    p.add_argument("--guidance", type=finite, default=None,
                    help="classifier-free guidance scale, 0 = off (default: 3, or 4 with --edit as in the paper)")
     # below 1: sharper token choices give crisper corners, so fewer squares read as circles;
     # --temperature 1 samples the model's full distribution
-    p.add_argument("--temperature", type=float, default=0.5, help="token sampling temperature")
+    p.add_argument("--temperature", type=finite, default=0.5, help="token sampling temperature")
     # the low-res tokens leave the super-res stage little to choose: at temperature 1 with
     # guidance its ragged edges turned squares into circles
-    p.add_argument("--sr_guidance", type=float, default=0.0,
+    p.add_argument("--sr_guidance", type=finite, default=0.0,
                    help="super-res guidance (the text still conditions it; 0: no extra push)")
-    p.add_argument("--sr_temperature", type=float, default=0.1, help="super-res token sampling temperature")
+    p.add_argument("--sr_temperature", type=finite, default=0.1, help="super-res token sampling temperature")
     # 2 rather than MaskGIT's 4.5: less random choice of which tokens to keep early leaves
     # fewer blunted shapes
-    p.add_argument("--choice_temperature", type=float, default=2.0,
+    p.add_argument("--choice_temperature", type=finite, default=2.0,
                    help="Gumbel noise on the confidences at step 0, annealed to 0 (MaskGIT)")
     p.add_argument("--negative", default=None, help="negative prompt, used in place of the empty prompt")
     p.add_argument("--batch_size", type=int, default=16, help="prompts per batch (--prompts-file, evaluate.py)")
@@ -243,7 +244,7 @@ def parse_args(argv=None):
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("prompt", nargs="?", help="what to draw")
     p.add_argument("--out", default="out.png", help="output PNG (a grid when --num > 1)")
-    p.add_argument("--num", type=int, default=1, help="images of the prompt, written as one grid")
+    p.add_argument("--num", type=int, default=1, help=f"images of the prompt, written as one grid (at most {MAX_GRID})")
     p.add_argument("--lowres-out", dest="lowres_out", default=None,
                    help="with super-resolution: also write the base model's low-res image here")
     p.add_argument("--prompts-file", dest="prompts_file", default=None, help="one prompt per line")
@@ -253,11 +254,11 @@ def parse_args(argv=None):
     p.add_argument("--mask", default=None, help="inpainting: mask PNG as large as --init, white = regenerate")
     p.add_argument("--outpaint", choices=["left", "right", "top", "bottom"], default=None,
                    help="outpainting: extend --init on this side (the canvas shifts the other way)")
-    p.add_argument("--amount", type=float, default=0.25, help="outpainting: fraction of the canvas to add")
+    p.add_argument("--amount", type=finite, default=0.25, help="outpainting: fraction of the canvas to add")
     p.add_argument("--edit", default=None, help="mask-free editing: the image to move towards the prompt")
     p.add_argument("--edit-steps", dest="edit_steps", type=int, default=100,
                    help="mask-free editing: iterations (paper: 100)")
-    p.add_argument("--edit-fraction", dest="edit_fraction", type=float, default=0.08,
+    p.add_argument("--edit-fraction", dest="edit_fraction", type=finite, default=0.08,
                    help="mask-free editing: fraction of tokens resampled per iteration (paper: 0.08)")
     # the spellings of the evaluation and the benchmark before they got files of their own
     argv = sys.argv[1:] if argv is None else argv
@@ -286,28 +287,73 @@ def parse_args(argv=None):
         p.error("editing works on one prompt, not --prompts-file")
     if not 0 < args.amount < 1 or not 0 < args.edit_fraction <= 1:
         p.error("--amount must be in (0, 1) and --edit-fraction in (0, 1]")
+    if min(args.temperature, args.sr_temperature, args.choice_temperature) < 0:
+        p.error("--temperature, --sr_temperature and --choice_temperature must be at least 0")
+    if args.num > MAX_GRID:
+        p.error(f"--num {args.num}: one grid holds at most {MAX_GRID} images; for more, write one file per "
+                "image with --prompts-file F --outdir D")
+    # the outputs, before anything is loaded or generated
+    for flag, path in (("--out", None if args.prompts_file else args.out), ("--lowres-out", args.lowres_out)):
+        if path is not None:
+            ext = os.path.splitext(path)[1].lower()
+            if Image.registered_extensions().get(ext) not in Image.SAVE:
+                p.error(f"{flag} {path}: {'no' if not ext else 'an unknown'} image extension{' ' + ext if ext else ''}"
+                        f" (use .png or .jpg)")
+            if unwritable(path, folder=False):
+                p.error(f"{flag} {path}: {unwritable(path, folder=False)}")
+    if args.outdir and unwritable(args.outdir):
+        p.error(f"--outdir: {unwritable(args.outdir)}")
+    if args.lowres_out and not (args.superres or os.path.isdir(os.path.join(args.checkpoint, "superres"))):
+        p.error(f"--lowres-out: {args.checkpoint} has no super-resolution stage (superres/ or --superres), "
+                "so the base model's image is the output itself")
     return args
+
+
+def read_prompts(path):
+    """--prompts-file: its non-empty lines, stripped; one line if it is not UTF-8 text."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")
+    except OSError as e:
+        fail(f"cannot read --prompts-file: {e}")
+    except UnicodeDecodeError as e:
+        fail(f"--prompts-file {path} is not UTF-8 text (byte {e.start}): one prompt per line")
+    if "\0" in text:
+        fail(f"--prompts-file {path} holds NUL bytes: it is not a text file")
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        fail(f"{path} holds no prompt")
+    return prompts
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.prompts_file:
+    prompts = read_prompts(args.prompts_file) if args.prompts_file else None
+    for flag in ("init", "mask", "edit"):       # readable images, before any model loads
+        if getattr(args, flag):
+            open_image(getattr(args, flag), f"--{flag}")
+    folders = [args.outdir] if args.prompts_file else [os.path.dirname(os.path.abspath(p))
+                                                        for p in (args.out, args.lowres_out) if p]
+    for folder in folders:                      # where the images go exists before any work is done
         try:
-            with open(args.prompts_file) as f:
-                prompts = [line.strip() for line in f if line.strip()]
+            os.makedirs(folder, exist_ok=True)
         except OSError as e:
-            fail(f"cannot read --prompts-file: {e}")
-        if not prompts:
-            fail(f"{args.prompts_file} holds no prompt")
+            fail(f"cannot make the output folder {folder}: {e.strerror or e}")
     base, sr = load_pipeline(args.checkpoint, args.superres)
     if args.prompts_file:
-        os.makedirs(args.outdir, exist_ok=True)
         generate = lambda chunk, first: run(args, base, sr, chunk, args.seed, first)[0]
         for i, image in enumerate(in_batches(args, prompts, generate)):
             Image.fromarray(image).save(os.path.join(args.outdir, f"{i:03d}.png"))
         print(f"wrote {len(prompts)} images to {args.outdir}")
         return
-    images, lowres = run(args, base, sr, [args.prompt] * args.num, seed=args.seed)
+    # --batch_size images at a time (the keys are per image, so the grid is the same either way)
+    images, lowres = [], []
+    for first in range(0, args.num, args.batch_size):
+        chunk = [args.prompt] * min(args.batch_size, args.num - first)
+        final, low = run(args, base, sr, chunk, args.seed, first)
+        images.append(final)
+        lowres.append(low)
+    images, lowres = np.concatenate(images), (np.concatenate(lowres) if lowres[0] is not None else None)
     cols = math.ceil(math.sqrt(args.num))
     data.save_grid(images, args.out, cols)
     if args.lowres_out and lowres is not None:

@@ -11,6 +11,7 @@ of 2 devices (multi-host); checkpoint round trip and exact resume; tiny overfits
 stages; NaN guard; analytic FLOPs against XLA's count; bfloat16 against float32; the
 benchmarks' JSON; CLI behaviour.
 """
+import errno
 import os
 
 # Four fake CPU devices for the data-parallel tests; must be set before jax is imported.
@@ -20,6 +21,7 @@ import json
 import re
 import shlex
 import shutil
+import signal
 import socket
 import tempfile
 import subprocess
@@ -842,12 +844,10 @@ def tiny_base(tmp_path_factory, tiny_vqgan):
 def test_a_cudnn_trained_model_samples_with_xla_attention_off_a_gpu(tiny_base, tmp_path):
     """`train.py --attention cudnn` is stored in the checkpoint's config; sampling where there is
     no GPU swaps in XLA's attention (the same maths) instead of failing to find cuDNN."""
-    with open(tiny_base / "checkpoint.msgpack", "rb") as f:
-        raw = serialization.msgpack_restore(f.read())
-    config = json.loads(raw["config"])
-    config["muse"]["attention"] = "cudnn"
-    raw["config"] = json.dumps(config)
-    (tmp_path / "checkpoint.msgpack").write_bytes(serialization.msgpack_serialize(raw))
+    raw = checkpoint.read_checkpoint(str(tiny_base))
+    raw["config"]["muse"]["attention"] = "cudnn"
+    raw["config"] = json.dumps(raw["config"])
+    checkpoint.write_checkpoint(str(tmp_path / "checkpoint.msgpack"), raw)
     stage = checkpoint.load_stage(str(tmp_path), "base")
     expected = "cudnn" if jax.default_backend() == "gpu" else "xla"
     assert stage.model.cfg.attention == expected
@@ -924,7 +924,8 @@ def test_export_writes_a_small_float16_checkpoint_that_samples(tmp_path, tiny_ba
     small, full = tmp_path / "demo" / "base" / "checkpoint.msgpack", tiny_base / "checkpoint.msgpack"
     assert os.path.getsize(small) < 0.5 * os.path.getsize(full)
     with open(small, "rb") as f:
-        raw = serialization.msgpack_restore(f.read())
+        wrapped = serialization.msgpack_restore(f.read())
+    raw = serialization.msgpack_restore(wrapped["payload"])        # (beside it: the payload's SHA-256)
     assert "opt_state" not in raw and {x.dtype for x in jax.tree.leaves(raw["params"])} == {np.dtype(np.float16)}
     exported, original = checkpoint.read_checkpoint(str(small)), checkpoint.read_checkpoint(str(tiny_base))
     for a, b in zip(jax.tree.leaves(exported["params"]), jax.tree.leaves(original["params"])):
@@ -1201,6 +1202,258 @@ def test_cli_error_has_no_traceback(tmp_path, argv, code, message):
     assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr, r.stderr
     assert message in r.stderr
 
+
+# =============================================================================
+# Nothing lost, nothing silently wrong: checkpoints, signals, bad input
+# =============================================================================
+
+def _tree_bytes(folder):
+    """Every file under folder -> its bytes: what a failed command must leave as it was."""
+    return {str(p): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_the_nan_guard_keeps_only_weights_that_gave_a_finite_loss(tmp_path, monkeypatch, capsys):
+    # a learning rate that sends the weights to inf: whatever is on disk afterwards is finite,
+    # older than the step that failed, and loads
+    with pytest.raises(SystemExit) as e:
+        _train(tmp_path, "vqgan", "--steps", "30", "--lr", "1e6", "--warmup", "1", "--ckpt_every", "1")
+    assert e.value.code == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    failed = int(re.search(r"at step (\d+)", err[0]).group(1))
+    if os.path.exists(tmp_path / "checkpoint.msgpack"):
+        ckpt = checkpoint.read_checkpoint(str(tmp_path))          # refuses non-finite weights
+        assert int(ckpt["step"]) <= failed and f"(step {int(ckpt['step'])})" in err[0], err
+    else:
+        assert "no checkpoint was written" in err[0], err
+    # weights that are not finite are never written, and never read
+    state = {"params": {"w": np.array([1.0, np.nan], np.float32)}, "opt_state": {}, "step": np.int32(3)}
+    with pytest.raises(SystemExit):
+        checkpoint.save_checkpoint(str(tmp_path / "nan"), state, {}, {"stage": "vqgan"}, np.zeros(2, np.uint32))
+    assert not os.path.exists(tmp_path / "nan" / "checkpoint.msgpack")
+    capsys.readouterr()
+
+
+def test_a_checkpoint_with_nan_weights_is_refused_everywhere(tmp_path, tiny_base, tiny_vqgan, capsys):
+    ckpt = checkpoint.read_checkpoint(str(tiny_base))
+    leaves, tree = jax.tree.flatten(ckpt["params"])
+    leaves[0] = np.array(leaves[0])
+    leaves[0].flat[0] = np.nan
+    ckpt["params"] = jax.tree.unflatten(tree, leaves)
+    ckpt["config"] = json.dumps(ckpt["config"])
+    (tmp_path / "bad").mkdir()
+    checkpoint.write_checkpoint(str(tmp_path / "bad" / "checkpoint.msgpack"), ckpt)   # as an older program might
+    for run in (lambda: sample.main(["a red circle", "--checkpoint", str(tmp_path / "bad"), "--out",
+                                     str(tmp_path / "x.png")]),
+                lambda: _train(tmp_path / "t", "base", "--vqgan", str(tmp_path / "bad"), "--steps", "1"),
+                lambda: _train(tmp_path / "t2", "base", "--vqgan", str(tiny_vqgan), "--init", str(tmp_path / "bad"),
+                               "--steps", "1")):
+        with pytest.raises(SystemExit) as e:
+            run()
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 1 and len(err) == 1 and "not finite" in err[0], err
+    assert not os.path.exists(tmp_path / "x.png") and not os.path.exists(tmp_path / "t" / "checkpoint.msgpack")
+
+
+def test_a_damaged_or_inconsistent_checkpoint_is_one_line(tmp_path, tiny_base, capsys):
+    shutil.copytree(tiny_base, tmp_path / "run")
+    train.main(["export", "--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "ship")])
+    for folder in ("run", "ship"):              # a training checkpoint and an export both carry a checksum
+        raw = bytearray((tmp_path / folder / "checkpoint.msgpack").read_bytes())
+        raw[len(raw) // 2] ^= 0xFF              # one byte in the middle of the weights
+        (tmp_path / folder / "checkpoint.msgpack").write_bytes(bytes(raw))
+        with pytest.raises(SystemExit) as e:
+            sample.main(["a red circle", "--checkpoint", str(tmp_path / folder), "--out", str(tmp_path / "x.png")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 1 and len(err) == 1 and "damaged" in err[0], err
+    # a config that does not describe its weights (one block more than the weights have)
+    ckpt = checkpoint.read_checkpoint(str(tiny_base))
+    ckpt["config"]["muse"]["depth"] += 1
+    ckpt["config"] = json.dumps(ckpt["config"])
+    (tmp_path / "odd").mkdir()
+    checkpoint.write_checkpoint(str(tmp_path / "odd" / "checkpoint.msgpack"), ckpt)
+    with pytest.raises(SystemExit) as e:
+        sample.main(["a red circle", "--checkpoint", str(tmp_path / "odd"), "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1 and "do not match the config" in err[0] and "block_" in err[0], err
+    assert not os.path.exists(tmp_path / "x.png")
+
+
+def test_export_never_replaces_a_checkpoint(tmp_path, tiny_base, capsys):
+    shutil.copytree(tiny_base, tmp_path / "run")
+    before = _tree_bytes(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    for out, message in ((tmp_path / "run", "the run's own folder"), (tmp_path / "run" / ".", "the run's own folder"),
+                         (tmp_path / "afile", "is a file")):
+        with pytest.raises(SystemExit) as e:
+            train.main(["export", "--workdir", str(tmp_path / "run"), "--out", str(out)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code in (1, 2) and len(err) == 1 and message in err[0], (out, err)
+    (tmp_path / "afile").unlink()
+    assert _tree_bytes(tmp_path) == before
+    train.main(["export", "--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "ship")])
+    shipped = (tmp_path / "ship" / "checkpoint.msgpack").read_bytes()
+    with pytest.raises(SystemExit) as e:                       # nor an earlier export
+        train.main(["export", "--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "ship")])
+    assert e.value.code == 1 and "exists" in capsys.readouterr().err
+    assert (tmp_path / "ship" / "checkpoint.msgpack").read_bytes() == shipped
+
+
+def test_a_signal_stops_training_at_a_step_with_a_checkpoint_and_resume_is_exact(tmp_path, tiny_vqgan, monkeypatch,
+                                                                                    capsys):
+    _train(tmp_path / "whole", "base", "--vqgan", str(tiny_vqgan), "--steps", "6")
+    real = train.host_batch
+
+    def interrupted(args, step, *a, **kw):
+        if step == 3:                            # a preemption notice while the third step runs
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(args, step, *a, **kw)
+
+    monkeypatch.setattr(train, "host_batch", interrupted)
+    handler = signal.getsignal(signal.SIGTERM)
+    capsys.readouterr()
+    _train(tmp_path / "cut", "base", "--vqgan", str(tiny_vqgan), "--steps", "6")   # returns: no exception
+    out = capsys.readouterr().out
+    stopped = int(checkpoint.read_checkpoint(str(tmp_path / "cut"))["step"])
+    assert 2 <= stopped < 6 and f"stopped by SIGTERM after step {stopped}" in out, out
+    assert signal.getsignal(signal.SIGTERM) is handler    # given back: a SIGTERM now ends the process again
+    monkeypatch.setattr(train, "host_batch", real)
+    _train(tmp_path / "cut", "base", "--vqgan", str(tiny_vqgan), "--steps", "6", "--resume")
+    a, b = (checkpoint.read_checkpoint(str(tmp_path / d))["params"] for d in ("whole", "cut"))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
+    real, calls = os.fsync, []
+
+    def full(fd):
+        calls.append(fd)
+        if len(calls) >= 2:                      # the first checkpoint fits, the second does not
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr(checkpoint.os, "fsync", full)
+    with pytest.raises(SystemExit) as e:
+        _train(tmp_path, "vqgan", "--steps", "6", "--ckpt_every", "2")
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert e.value.code == 1 and len(err) == 1, err
+    assert "No space left on device" in err[0] and str(tmp_path) in err[0] and "previous file is kept" in err[0]
+    assert not os.path.exists(tmp_path / "checkpoint.msgpack.tmp")
+    monkeypatch.setattr(checkpoint.os, "fsync", real)
+    assert int(checkpoint.read_checkpoint(str(tmp_path))["step"]) == 2
+
+
+def test_a_longer_resumed_run_says_what_its_schedule_does(tmp_path, capsys):
+    _train(tmp_path, "vqgan", "--steps", "3")
+    capsys.readouterr()
+    _train(tmp_path, "vqgan", "--steps", "5", "--resume")
+    out = capsys.readouterr().out
+    assert "cosine decay still ends at step 3" in out and "--decay_steps 5" in out, out
+    _train(tmp_path, "vqgan", "--steps", "7", "--resume", "--decay_steps", "9")
+    assert "now ends at step 9" in capsys.readouterr().out
+    assert checkpoint.read_checkpoint(str(tmp_path))["config"]["train"]["decay_steps"] == 9
+    lr = [m["lr"] for m in _metrics(tmp_path)]
+    assert lr[5] > lr[4] * 0.9 and lr[4] < lr[2], lr    # steps 4-5 at the floor, 6-7 on the new, longer decay
+
+
+def test_every_image_mode_pil_reads_converts_with_its_values():
+    ramp = np.tile(np.linspace(0, 1, 16), (16, 1))                                    # (16, 16) in [0, 1]
+    want = np.round(ramp * 255)
+    cases = {"I;16": Image.fromarray((ramp * 65535).astype(np.uint16)),
+             "I": Image.fromarray((ramp * 65535).astype(np.int32)),
+             "F": Image.fromarray(ramp.astype(np.float32)),
+             "L": Image.fromarray((ramp * 255).round().astype(np.uint8)),
+             "CMYK": Image.fromarray((ramp * 255).round().astype(np.uint8)).convert("CMYK")}
+    for mode, img in cases.items():
+        got = np.asarray(data.to_rgb(img)).astype(float)
+        assert got.shape == (16, 16, 3) and np.abs(got[..., 0] - want).max() <= 1, mode
+    # transparency goes to white, the shapes world's background, in every mode that carries it
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 0], rgba[:2, :, 3] = 200, 255     # top half opaque red-ish, bottom half transparent
+    for img in (Image.fromarray(rgba, "RGBA"), Image.fromarray(rgba, "RGBA").convert("LA"),
+                Image.fromarray(rgba, "RGBA").convert("PA")):
+        got = np.asarray(data.to_rgb(img))
+        assert (got[2:] == 255).all() and (got[:2] < 255).any(), img.mode
+    p = Image.fromarray(np.array([[0, 1], [1, 0]], np.uint8), "P")
+    p.putpalette([200, 0, 0, 0, 0, 0])
+    p.info["transparency"] = 1
+    assert (np.asarray(data.to_rgb(p))[0, 1] == 255).all() and tuple(np.asarray(data.to_rgb(p))[0, 0]) == (200, 0, 0)
+
+
+def test_bad_metadata_lines_are_skipped_counted_and_named(tmp_path, capsys):
+    folder = tmp_path / "f"
+    folder.mkdir()
+    Image.fromarray(shapes.render(shapes.sample_scene(np.random.default_rng(0))[1], 16)).save(folder / "0.png")
+    lines = [json.dumps({"file_name": "0.png", "text": "a red circle"}).encode(),
+             json.dumps({"file_name": 7, "text": "a number for a name"}).encode(),
+             json.dumps({"file_name": "0.png", "text": ["not", "a", "string"]}).encode(),
+             b'{"file_name": "0.png", "text": "\xff\xfe not utf-8"}', b"[1, 2]", b"not json"]
+    (folder / "metadata.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    reader = data.Reader(str(folder), seed=0, process=0, num_processes=1, resolutions=(16,), threads=1)
+    _, captions = reader.next_batch(2)
+    assert captions == ["a red circle"] * 2 and reader.counts["incomplete"] == 5
+    err = capsys.readouterr().err
+    assert "metadata.jsonl: 5 bad line(s) skipped (first: line 2" in err, err
+
+
+# Bad input through every command line: each is refused with one line and a non-zero exit,
+# before anything is loaded, and leaves every file as it was. Keep this list growing.
+BAD_INPUTS = [
+    (sample, ["a red circle", "--guidance", "nan"], "not a finite number"),
+    (sample, ["a red circle", "--temperature", "inf"], "not a finite number"),
+    (sample, ["a red circle", "--temperature", "-1"], "at least 0"),
+    (sample, ["a red circle", "--out", "{tmp}/noext"], "no image extension"),
+    (sample, ["a red circle", "--out", "{tmp}/x.docx"], "unknown image extension"),
+    (sample, ["a red circle", "--out", "{tmp}/afile/x.png"], "is a file"),
+    (sample, ["--prompts-file", "{tmp}/prompts.txt", "--outdir", "{tmp}/afile"], "is a file"),
+    (sample, ["--prompts-file", "{tmp}/binary.txt", "--outdir", "{tmp}/o"], "not UTF-8"),
+    (sample, ["--prompts-file", "{tmp}/empty.txt", "--outdir", "{tmp}/o"], "holds no prompt"),
+    (sample, ["a red circle", "--seed", str(2 ** 32)], "32-bit seeds"),
+    (sample, ["a red circle", "--seed", "-1"], "32-bit seeds"),
+    (sample, ["a red circle", "--num", "100000"], "at most 4096"),
+    (sample, ["a red circle", "--num", "0"], "at least 1"),
+    (sample, ["a red circle", "--lowres-out", "{tmp}/lo.png", "--checkpoint", "{base}"], "no super-resolution"),
+    (sample, ["a red circle", "--init", "{tmp}/afile", "--outpaint", "left"], "not a readable image"),
+    (sample, ["a red circle", "--edit", "{tmp}/missing.png"], "not a readable image"),
+    (sample, ["a red circle", "--checkpoint", "{tmp}/nowhere"], "no checkpoint at"),
+    (train, ["vqgan", "--workdir", "{tmp}/w", "--steps", "0"], "--steps must be at least 1"),
+    (train, ["vqgan", "--workdir", "{tmp}/w", "--batch_size", "0"], "--batch_size must be at least 1"),
+    (train, ["vqgan", "--workdir", "{tmp}/w", "--ckpt_every", "0"], "--ckpt_every must be at least 1"),
+    (train, ["vqgan", "--workdir", "{tmp}/w", "--log_every", "0"], "--log_every must be at least 1"),
+    (train, ["base", "--workdir", "{tmp}/w", "--text_length", "0"], "--text_length must be at least 1"),
+    (train, ["vqgan", "--workdir", "{tmp}/w", "--shuffle_buffer", "0"], "--shuffle_buffer must be at least 1"),
+    (train, ["vqgan", "--workdir", "{tmp}/w", "--data_workers", "-1"], "--data_workers must be at least 0"),
+    (train, ["vqgan", "--workdir", "{tmp}/w", "--num_devices", "64"], "--num_devices 64: this host has"),
+    (train, ["vqgan", "--workdir", "{tmp}/w", "--lr", "nan"], "not a finite number"),
+    (train, ["vqgan", "--workdir", "{tmp}/w", "--grad_clip", "0"], "--grad_clip must be above 0"),
+    (train, ["vqgan", "--workdir", "{tmp}/w", "--seed", str(2 ** 40)], "32-bit seeds"),
+    (train, ["vqgan", "--workdir", "{tmp}/afile"], "is a file"),
+    (train, ["vqgan", "--workdir", "{tmp}/afile/w"], "is a file"),
+    (train, ["base", "--workdir", "{tmp}/w", "--holdout", "pink triangle"], "not a \"colour shape\" pair"),
+    (train, ["base", "--workdir", "{tmp}/w", "--holdout", "red hexagon"], "not a \"colour shape\" pair"),
+    (train, ["export", "--workdir", "{base}", "--out", "{base}"], "the run's own folder"),
+    (train, ["tokenize", "--vqgan", "{base}", "--out", "{tmp}/afile", "--num_examples", "4"], "is a file"),
+    (evaluate, ["shapes", "--guidance", "inf"], "not a finite number"),
+    (evaluate, ["shapes", "--outdir", "{tmp}/afile"], "is a file"),
+    (bench, ["train", "tiny", "--peak_tflops", "nan"], "not a finite number"),
+    (bench, ["train", "tiny", "--peak_tflops", "-3"], "above 0"),
+]
+
+
+@pytest.mark.parametrize("module,argv,message", BAD_INPUTS,
+                         ids=[f"{m.__name__}:{' '.join(a)[:60]}" for m, a, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_and_writes_nothing(module, argv, message, tmp_path, tiny_base, capsys):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    (tmp_path / "binary.txt").write_bytes(bytes(range(256)))
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    argv = [a.format(tmp=tmp_path, base=tiny_base) for a in argv]
+    before, base_before = _tree_bytes(tmp_path), _tree_bytes(tiny_base)
+    with pytest.raises(SystemExit) as e:
+        module.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code in (1, 2) and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert _tree_bytes(tmp_path) == before and _tree_bytes(tiny_base) == base_before
 
 # =============================================================================
 # Super-resolution (§2.4) and zero-shot editing (§3.3)
@@ -1776,7 +2029,7 @@ def test_image_folder_and_training_on_real_data(tmp_path, capsys):
     _train(tmp_path / "vq_resumed", "vqgan", "--data", str(folder), "--steps", "3", "--resume")
     resumed = _metrics(tmp_path / "vq_resumed")[-1]
     assert resumed["step"] == 3 and abs(resumed["loss"] - last["loss"]) < 1e-4 * abs(last["loss"]), (resumed, last)
-    assert "warning" not in capsys.readouterr().err
+    assert "warning: --resume" not in capsys.readouterr().err
     # resumed on other data (here the same images in another folder): said, not silent
     shutil.copytree(folder, tmp_path / "moved")
     _train(tmp_path / "vq_resumed", "vqgan", "--data", str(tmp_path / "moved"), "--steps", "4", "--resume")

@@ -40,6 +40,7 @@ import functools
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -56,8 +57,8 @@ import data
 import muse
 import shapes
 import vqgan
-from checkpoint import (CHECKPOINT, Parser, export, fail, load_text_encoder, read_checkpoint, read_tokenizer,
-                        save_checkpoint, write_atomically)
+from checkpoint import (CHECKPOINT, Parser, export, fail, finite, load_text_encoder, nonfinite, read_checkpoint,
+                        read_tokenizer, save_checkpoint, seed, shape_mismatch, unwritable, write_atomically)
 
 # Every random draw here is keyed per example (example_keys) and none is sharded across
 # devices, which is all the default "partitionable" threefry PRNG is for; XLA:CPU compiles the
@@ -534,6 +535,17 @@ def make_or_resume_run(args, n_global):
             fail(f"--resume: {ckpt_path} is a {config['stage']!r} checkpoint, not {args.stage!r}")
         for k in RESUMED_ARGS:                  # the trajectory's flags come from the checkpoint
             setattr(args, k, config["train"].get(k, getattr(args, k)))   # (older runs lack newer flags)
+        # A longer run (--steps above the first run's) keeps the cosine schedule it started
+        # with unless told otherwise: say what that means, and let --decay_steps move it.
+        if args.explicit_decay_steps is not None and args.explicit_decay_steps != args.decay_steps:
+            if is_main:
+                print(f"--resume --decay_steps {args.explicit_decay_steps}: the cosine decay now ends at step "
+                      f"{args.explicit_decay_steps} (it ended at {args.decay_steps})")
+            args.decay_steps = config["train"]["decay_steps"] = args.explicit_decay_steps
+        elif args.steps > args.decay_steps and is_main:
+            print(f"--resume --steps {args.steps}: the learning rate's cosine decay still ends at step "
+                  f"{args.decay_steps}, as the run began, so steps {args.decay_steps}-{args.steps} run at its "
+                  f"final rate {args.lr / 10:.3g}; pass --decay_steps {args.steps} to stretch it over them")
         consts = ckpt.get("consts", {})
         # Real data resumes at record step * rows of each host's own stream, which depends on the
         # shard list and the number of hosts: with either changed, the run goes on
@@ -575,9 +587,16 @@ def make_or_resume_run(args, n_global):
     # dtype on the first call would compile the step twice)
     state = {"params": params, "opt_state": tx.init(params), "step": np.int32(0)}
     if args.resume:
-        state = {"params": serialization.from_state_dict(params, ckpt["params"]),
-                 "opt_state": serialization.from_state_dict(state["opt_state"], ckpt["opt_state"]),
-                 "step": np.int32(ckpt["step"])}
+        bad = shape_mismatch(params, ckpt["params"])
+        if bad:
+            fail(f"--resume: {ckpt_path} holds weights that do not match its stored config ({bad})")
+        try:
+            state = {"params": serialization.from_state_dict(params, ckpt["params"]),
+                     "opt_state": serialization.from_state_dict(state["opt_state"], ckpt["opt_state"]),
+                     "step": np.int32(ckpt["step"])}
+        except (KeyError, ValueError, TypeError) as e:
+            fail(f"--resume: {ckpt_path} holds weights that do not match its stored config "
+                 f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
         rng = jnp.asarray(ckpt["rng"], jnp.uint32)
         if is_main:                             # (process 0 alone writes the run's files)
             truncate_metrics(args.workdir, state["step"])
@@ -613,6 +632,9 @@ def truncate_metrics(workdir, step):
 # -----------------------------------------------------------------------------
 
 def train(args):
+    if args.num_devices and args.num_devices > jax.local_device_count():
+        fail(f"--num_devices {args.num_devices}: this host has {jax.local_device_count()} "
+             f"{jax.default_backend()} device(s)")
     n_dev = args.num_devices or jax.local_device_count()
     # pmap over all devices of all hosts unless asked for fewer (a multi-host pmap must span all)
     devices = jax.local_devices()[:n_dev] if args.num_devices else None
@@ -626,7 +648,7 @@ def train(args):
     grad_fn = jax.value_and_grad(setup["loss_fn"], has_aux=True)
 
     # --- The step, on every device at once (pmap) ----------------------------------------
-    def train_step(state, consts, batch, rng, horizon, clock):
+    def train_step(state, consts, batch, rng, horizon, clock, stop):
         step, params = state["step"], state["params"]
         first = jax.lax.axis_index("batch") * rows              # global index of this device's first row
         (_, metrics), grads = mean_over_micro_batches(
@@ -635,12 +657,16 @@ def train(args):
         # metrics) over devices so every replica applies the same update
         grads = jax.lax.pmean(grads, "batch")
         metrics = jax.lax.pmean(metrics, "batch")
+        # the NaN guard reads it: a step can give a finite loss and still send the weights to inf
+        metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["lr"] = lr = learning_rate(step, args.lr, args.warmup, horizon)
         # --time_limit decides when to stop from the wall clock; hosts whose clocks disagreed
         # would stop at different steps, and the ones still running would wait forever for
         # the others in the pmean above. So every host passes its own clock in and all of
         # them read back the same one, the latest, and take the same decisions from it.
         metrics["clock"] = jax.lax.pmax(clock, "batch")
+        # likewise a signal that reached one host stops all of them at the same step
+        metrics["stop"] = jax.lax.pmax(stop, "batch")
         return apply_update(tx, state, grads, lr), metrics
 
     p_step = jax.pmap(train_step, axis_name="batch", devices=devices, donate_argnums=(0,))
@@ -677,6 +703,17 @@ def train(args):
         return shard(batch, n_dev), dict(batch, captions=captions)
 
     # --- The loop: step, log, checkpoint, sample grid --------------------------------------
+    # A checkpoint holds weights known to be good: those of step s are written only once step
+    # s has run on them and given a finite loss and gradient norm, so the NaN guard's "last
+    # good checkpoint" is one. SIGINT (Ctrl-C) and SIGTERM (preemption, TPU maintenance) end
+    # the run at the next step with a checkpoint; a second one stops it at once.
+    requested = []                              # the signals received
+    def on_signal(signum, frame):
+        requested.append(signal.Signals(signum).name)
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+    # (a SIGINT that the shell ignores, as under nohup, stays ignored)
+    handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(sig) is not signal.SIG_IGN}
     metrics_file = open(os.path.join(args.workdir, "metrics.jsonl"), "a") if is_main else None
     pool = ThreadPoolExecutor(max_workers=1)    # renders the next batch while the device trains
     future = pool.submit(fetch, start)
@@ -686,75 +723,104 @@ def train(args):
     fits = [0.05, 0.2, 0.5] if args.time_limit else []  # fractions of --time_limit at which to fit the steps
     max_steps = args.steps
     step = start
+    stopped_by = None                           # the signal that ended the run early
     sample_batch = None                         # the run's first host batch: the sample grids show it
-    while step < args.steps:
-        try:
-            batch, host = future.result()
-        except ValueError as e:                 # data.Reader: the data itself is broken
-            bar.close()
-            fail(str(e))
-        sample_batch = host if sample_batch is None else sample_batch
-        if step + 1 < args.steps:
-            future = pool.submit(fetch, step + 1)
-        if step == start and is_main:
-            tqdm.write("compiling the train step (the first step takes a while)...")
-        t0 = time.time()
-        clock = replicate(np.float32(t0 - t_begin), n_dev)
-        rep_state, metrics = p_step(rep_state, rep_consts, batch, rep_rng, rep_horizon, clock)
-        metrics = {k: float(v[0]) for k, v in jax.device_get(metrics).items()}
-        elapsed = metrics.pop("clock")          # s since t_begin when this step started (all hosts agree)
-        if step == start:
-            if is_main:
-                tqdm.write(f"compiled and ran the first step in {time.time() - t0:.1f}s")
-            t_last, n_images = time.time(), 0
-        else:
-            n_images += args.batch_size
-        if step == start + 1:
-            clock_first = elapsed               # the first step after the compiling one starts here
-        if fits and step - start > 20 and elapsed >= fits[0] * args.time_limit:
-            # --time_limit: once the speed is known, set the run's length (and its cosine horizon,
-            # stored in the checkpoint so a resume follows it) to what fits in the time left, at
-            # most --steps; measured again later, as the first seconds run slower (data pool, caches)
-            rate = (step - start - 1) / max(elapsed - clock_first, 1e-9)            # steps / s
-            fit = min(max_steps, step + 1 + int(0.98 * rate * (args.time_limit - elapsed)))
-            if fit != args.steps:
-                args.steps = args.decay_steps = config["train"]["decay_steps"] = fit
-                rep_horizon, bar.total = horizon(), fit
+    try:
+        while step < args.steps:
+            try:
+                batch, host = future.result()
+            except ValueError as e:             # data.Reader: the data itself is broken
+                bar.close()
+                fail(str(e))
+            sample_batch = host if sample_batch is None else sample_batch
+            if step + 1 < args.steps:
+                future = pool.submit(fetch, step + 1)
+            if step == start and is_main:
+                tqdm.write("compiling the train step (the first step takes a while)...")
+            # the weights this step runs on, kept on the host until the step has vouched for them
+            to_save = unreplicate(jax.device_get(rep_state)) \
+                if is_main and step > start and step % args.ckpt_every == 0 else None
+            t0 = time.time()
+            clock = replicate(np.float32(t0 - t_begin), n_dev)
+            stop = replicate(np.float32(bool(requested)), n_dev)
+            rep_state, metrics = p_step(rep_state, rep_consts, batch, rep_rng, rep_horizon, clock, stop)
+            metrics = {k: float(v[0]) for k, v in jax.device_get(metrics).items()}
+            elapsed = metrics.pop("clock")      # s since t_begin when this step started (all hosts agree)
+            if metrics.pop("stop") and step + 1 < args.steps:
+                args.steps, stopped_by = step + 1, (requested or ["a signal on another host"])[0]
+            if step == start:
                 if is_main:
-                    tqdm.write(f"--time_limit {args.time_limit:.0f}s: {rate:.1f} steps/s, training {fit} steps")
-            fits.pop(0)
-        if args.time_limit and elapsed > args.time_limit and step + 1 < args.steps:
-            args.steps = step + 1               # out of time: this is the last step (checkpointed below)
-        bar.update(1)
-        if not np.isfinite(metrics["loss"]):
-            bar.close()
-            kept = f"the last good checkpoint is {ckpt_path} (step {last_ckpt})" if last_ckpt is not None \
-                else "no checkpoint was written yet"
-            fail(f"loss is {metrics['loss']} at step {step}; stopping, {kept}")
-        done = step + 1
-        ips = n_images / max(time.time() - t_last, 1e-9)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", img_s=f"{ips:.1f}")
-        if is_main and (done % args.log_every == 0 or done == args.steps):
-            row = {"step": done, **metrics, "images_per_sec": ips}
-            if reader is not None:              # skipped-and-counted records (data.py), this host's
-                row.update({f"data_{k}": v for k, v in reader.counts.items()}, data_epoch=reader.epoch)
-            metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
-        if done % args.ckpt_every == 0 or done == args.steps:
-            if is_main:
-                save_checkpoint(args.workdir, unreplicate(jax.device_get(rep_state)), consts, config, rng)
-            last_ckpt = done
-        if is_main and args.sample_every and (done % args.sample_every == 0 or done == args.steps):
-            os.makedirs(os.path.join(args.workdir, "samples"), exist_ok=True)
-            setup["sample_grid"](unreplicate(rep_state)["params"], consts, sample_batch,
-                                 os.path.join(args.workdir, "samples", f"{done:06d}.png"))
-        step = done
+                    tqdm.write(f"compiled and ran the first step in {time.time() - t0:.1f}s")
+                t_last, n_images = time.time(), 0
+            else:
+                n_images += args.batch_size
+            if step == start + 1:
+                clock_first = elapsed           # the first step after the compiling one starts here
+            if fits and step - start > 20 and elapsed >= fits[0] * args.time_limit:
+                # --time_limit: once the speed is known, set the run's length (and its cosine
+                # horizon, stored in the checkpoint so a resume follows it) to what fits in the
+                # time left, at most --steps; measured again later, as the first seconds run
+                # slower (data pool, caches)
+                rate = (step - start - 1) / max(elapsed - clock_first, 1e-9)            # steps / s
+                fit = min(max_steps, step + 1 + int(0.98 * rate * (args.time_limit - elapsed)))
+                if fit != args.steps and not stopped_by:
+                    args.steps = args.decay_steps = config["train"]["decay_steps"] = fit
+                    rep_horizon, bar.total = horizon(), fit
+                    if is_main:
+                        tqdm.write(f"--time_limit {args.time_limit:.0f}s: {rate:.1f} steps/s, training {fit} steps")
+                fits.pop(0)
+            if args.time_limit and elapsed > args.time_limit and step + 1 < args.steps:
+                args.steps = step + 1           # out of time: this is the last step (checkpointed below)
+            bar.update(1)
+            if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
+                bar.close()
+                kept = f"the last good checkpoint is {ckpt_path} (step {last_ckpt})" if last_ckpt is not None \
+                    else "no checkpoint was written yet"
+                what = "loss" if not np.isfinite(metrics["loss"]) else "gradient norm"
+                fail(f"{what} is {metrics['loss' if what == 'loss' else 'grad_norm']} at step {step}; "
+                     f"stopping, {kept}")
+            if step > start and step % args.ckpt_every == 0:
+                if is_main:
+                    save_checkpoint(args.workdir, to_save, consts, config, rng)
+                last_ckpt = step
+            done = step + 1
+            ips = n_images / max(time.time() - t_last, 1e-9)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", img_s=f"{ips:.1f}")
+            if is_main and (done % args.log_every == 0 or done == args.steps):
+                row = {"step": done, **metrics, "images_per_sec": ips}
+                if reader is not None:          # skipped-and-counted records (data.py), this host's
+                    row.update({f"data_{k}": v for k, v in reader.counts.items()}, data_epoch=reader.epoch)
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+            if done == args.steps and last_ckpt != done:
+                # the last weights have no next step to vouch for them: they must at least be finite
+                final = unreplicate(jax.device_get(rep_state))
+                bad = nonfinite(final["params"])
+                if bad:
+                    fail(f"the weights after step {step} are not finite ({bad}); the last good checkpoint "
+                         f"is {ckpt_path} (step {last_ckpt})" if last_ckpt is not None else
+                         f"the weights after step {step} are not finite ({bad}); no checkpoint was written")
+                if is_main:
+                    save_checkpoint(args.workdir, final, consts, config, rng)
+                last_ckpt = done
+            if is_main and args.sample_every and not stopped_by and \
+                    (done % args.sample_every == 0 or done == args.steps):
+                os.makedirs(os.path.join(args.workdir, "samples"), exist_ok=True)
+                setup["sample_grid"](unreplicate(rep_state)["params"], consts, sample_batch,
+                                     os.path.join(args.workdir, "samples", f"{done:06d}.png"))
+            step = done
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     bar.close()
     pool.shutdown()
     if workers:
         workers.shutdown()
     if metrics_file:
         metrics_file.close()
+    if stopped_by and is_main:
+        print(f"stopped by {stopped_by} after step {args.steps}: checkpoint in {ckpt_path}; "
+              f"continue with --resume")
     return unreplicate(jax.device_get(rep_state))
 
 
@@ -783,16 +849,16 @@ def parse_args(argv=None):
                    help="split each device's rows into K micro-batches and average their gradients (same "
                         "update, 1/K of the activation memory); 0: 1, except for the transformers on a CPU, "
                         "where micro-batches of up to 512 tokens train faster (docs/results.md)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the data, the init and the masking")
+    p.add_argument("--seed", type=seed, default=0, help="seeds the data, the init and the masking")
     p.add_argument("--num_examples", type=int, default=0,
                    help="shapes: a finite training set of N scenes (0: a new scene every time)")
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in --workdir")
     p.add_argument("--preset", default=None, help="model preset: vqgan.PRESETS or muse.PRESETS (default: shapes)")
-    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
+    p.add_argument("--lr", type=finite, default=3e-4, help="peak learning rate")
     p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
     p.add_argument("--decay_steps", type=int, default=None, help="cosine decay horizon (default: --steps)")
-    p.add_argument("--weight_decay", type=float, default=0.045, help="AdamW weight decay (Muse: 0.045)")
-    p.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this")
+    p.add_argument("--weight_decay", type=finite, default=0.045, help="AdamW weight decay (Muse: 0.045)")
+    p.add_argument("--grad_clip", type=finite, default=1.0, help="clip the global gradient norm to this")
     p.add_argument("--vqgan", default=None, help="base, superres: workdir of the base model's tokenizer")
     p.add_argument("--vqgan_hr", default=None, help="superres: workdir of the high-resolution tokenizer")
     p.add_argument("--init", default=None,
@@ -802,14 +868,14 @@ def parse_args(argv=None):
     p.add_argument("--text_encoder", default=None,
                    help="base: transformers T5 folder or hub name (default: offline ByT5 tokenizer + small random T5)")
     p.add_argument("--text_length", type=int, default=64, help="prompt length in tokens, padded / truncated")
-    p.add_argument("--adv_weight", type=float, default=None, help="vqgan: adversarial weight (paper: 0.1; default: preset)")
+    p.add_argument("--adv_weight", type=finite, default=None, help="vqgan: adversarial weight (paper: 0.1; default: preset)")
     p.add_argument("--disc_start", type=int, default=1000, help="vqgan: step at which the adversarial loss starts")
     p.add_argument("--log_every", type=int, default=10, help="write metrics.jsonl every N steps")
     p.add_argument("--ckpt_every", type=int, default=500, help="write the checkpoint every N steps")
     p.add_argument("--sample_every", type=int, default=500, help="write a sample grid every N steps (0: never)")
     p.add_argument("--holdout", default="",
                    help='shapes: comma-separated "colour shape" pairs never drawn in relations (held-out test)')
-    p.add_argument("--time_limit", type=float, default=0,
+    p.add_argument("--time_limit", type=finite, default=0,
                    help="seconds: fit --steps (and the cosine horizon) to this wall time after measuring the speed")
     p.add_argument("--data_workers", type=int, default=0,
                    help="shapes: processes rendering the data (0: one background thread; use several to feed "
@@ -842,6 +908,24 @@ def parse_args(argv=None):
         p.error("--grad_accum must be 1 or more (or 0: the default for the machine)")
     if args.attention == "cudnn" and args.dtype != "bfloat16":
         p.error("--attention cudnn goes with --dtype bfloat16 (cuDNN's fused attention has no float32 kernel)")
+    for flag, low in (("steps", 1), ("batch_size", 1), ("ckpt_every", 1), ("log_every", 1), ("text_length", 1),
+                      ("shuffle_buffer", 1), ("shard_size", 1), ("num_examples", 0), ("sample_every", 0),
+                      ("warmup", 0), ("disc_start", 0), ("data_workers", 0), ("decay_steps", 1),
+                      ("num_devices", 1), ("lr", 0), ("weight_decay", 0), ("time_limit", 0), ("adv_weight", 0)):
+        if getattr(args, flag) is not None and getattr(args, flag) < low:
+            p.error(f"--{flag} must be at least {low}, not {getattr(args, flag)}")
+    if args.grad_clip <= 0:
+        p.error(f"--grad_clip must be above 0, not {args.grad_clip}")
+    wrong = [pair for pair in shapes.parse_holdout(args.holdout)
+             if len(pair.split()) != 2 or pair.split()[0] not in shapes.COLORS or pair.split()[1] not in shapes.SHAPES]
+    if wrong:
+        p.error(f"--holdout {wrong[0]!r} is not a \"colour shape\" pair of the shapes world "
+                f"(colours: {', '.join(shapes.COLORS)}; shapes: {', '.join(shapes.SHAPES)})")
+    out = {"vqgan": args.workdir, "base": args.workdir, "superres": args.workdir, "export": args.out,
+           "tokenize": args.out}[args.stage]
+    if out and unwritable(out):
+        p.error(f"--{'workdir' if args.stage in ('vqgan', 'base', 'superres') else 'out'}: {unwritable(out)}")
+    args.explicit_decay_steps = args.decay_steps    # --resume keeps the run's horizon unless this is given
     if args.decay_steps is None:
         args.decay_steps = args.steps
     return args
