@@ -332,6 +332,8 @@ def main(argv=None):
     for flag in ("init", "mask", "edit"):       # readable images, before any model loads
         if getattr(args, flag):
             open_image(getattr(args, flag), f"--{flag}")
+    if args.mask:
+        load_mask(args.mask, args.init)         # (as large as --init, with a white pixel)
     folders = [args.outdir] if args.prompts_file else [os.path.dirname(os.path.abspath(p))
                                                         for p in (args.out, args.lowres_out) if p]
     for folder in folders:                      # where the images go exists before any work is done

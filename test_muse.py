@@ -1396,6 +1396,16 @@ def test_bad_metadata_lines_are_skipped_counted_and_named(tmp_path, capsys):
     assert "metadata.jsonl: 5 bad line(s) skipped (first: line 2" in err, err
 
 
+def test_a_decompression_bomb_is_refused_before_any_model_loads(tmp_path, monkeypatch, capsys):
+    Image.new("RGB", (64, 64), "white").save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)      # so that 64 x 64 counts as a bomb
+    monkeypatch.setattr(checkpoint, "load_pipeline", lambda *a: pytest.fail("loaded a model"))
+    with pytest.raises(SystemExit) as e:
+        sample.main(["a red circle", "--edit", str(tmp_path / "big.png"), "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1 and "not a readable image" in err[0] and "bomb" in err[0], err
+
+
 # Bad input through every command line: each is refused with one line and a non-zero exit,
 # before anything is loaded, and leaves every file as it was. Keep this list growing.
 BAD_INPUTS = [
@@ -1415,6 +1425,7 @@ BAD_INPUTS = [
     (sample, ["a red circle", "--lowres-out", "{tmp}/lo.png", "--checkpoint", "{base}"], "no super-resolution"),
     (sample, ["a red circle", "--init", "{tmp}/afile", "--outpaint", "left"], "not a readable image"),
     (sample, ["a red circle", "--edit", "{tmp}/missing.png"], "not a readable image"),
+    (sample, ["a red circle", "--init", "{tmp}/img.png", "--mask", "{tmp}/small.png"], "but --init"),
     (sample, ["a red circle", "--checkpoint", "{tmp}/nowhere"], "no checkpoint at"),
     (train, ["vqgan", "--workdir", "{tmp}/w", "--steps", "0"], "--steps must be at least 1"),
     (train, ["vqgan", "--workdir", "{tmp}/w", "--batch_size", "0"], "--batch_size must be at least 1"),
@@ -1447,6 +1458,8 @@ def test_bad_input_is_one_line_and_writes_nothing(module, argv, message, tmp_pat
     (tmp_path / "prompts.txt").write_text("a red circle\n")
     (tmp_path / "binary.txt").write_bytes(bytes(range(256)))
     (tmp_path / "empty.txt").write_text("\n  \n")
+    Image.new("RGB", (32, 32), "white").save(tmp_path / "img.png")
+    Image.new("L", (16, 16), 255).save(tmp_path / "small.png")
     argv = [a.format(tmp=tmp_path, base=tiny_base) for a in argv]
     before, base_before = _tree_bytes(tmp_path), _tree_bytes(tiny_base)
     with pytest.raises(SystemExit) as e:
