@@ -206,9 +206,9 @@ def config_from_hf(hf):
 
 
 class CLIP:
-    """A loaded CLIP: `clip.image_features(pil_images)`, `clip.text_features(captions)`,
-    each float32 (B, E), equal to transformers' get_image_features / get_text_features on
-    CLIPProcessor's inputs."""
+    """A loaded CLIP: `clip.image_features(np.stack([clip.preprocess(im) for im in pil_images]))`
+    and `clip.text_features(captions)`, each float32 (B, E): transformers' get_image_features /
+    get_text_features on what CLIPProcessor makes of the same images and captions."""
 
     def __init__(self, cfg: CLIPConfig, params, tokenizer, preprocess=None):
         self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
@@ -238,8 +238,9 @@ class CLIP:
         x = x[top:top + self.crop, left:left + self.crop]
         return (x - self.mean) / self.std
 
-    def image_features(self, images):
-        return np.asarray(self._image(self.params, np.stack([self.preprocess(im) for im in images])))
+    def image_features(self, pixels):
+        """float (B, S, S, 3), preprocessed -> (B, E)."""
+        return np.asarray(self._image(self.params, pixels))
 
     def tokenize(self, captions):
         """-> ids int32 (B, L), mask bool (B, L): padded to L so every batch reuses one
