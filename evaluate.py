@@ -397,21 +397,21 @@ def check_count(n, flag, unreadable=0):
         fail(f"{flag}: {n} readable image{'s' * (n != 1)}{skipped}; a covariance needs at least 2")
     if n < FEW_IMAGES:
         print(f"warning: {flag}: {n} images{skipped}; FID is biased upwards under {FEW_IMAGES} "
-              "(the paper's use 30,000)", file=sys.stderr)
+              "(the papers use 30,000)", file=sys.stderr)
 
 
-def read_stats(path, flag):
-    """An .npz of statistics (this command's --save_stats, or pytorch-fid's: mu, sigma) ->
-    dict(mu, sigma, n); n is None when the file does not say."""
+def read_stats(path, flag, dims):
+    """An .npz of statistics (this command's --save_stats, or pytorch-fid's: mu, sigma) of
+    `dims`-d features -> dict(mu, sigma, n); n is None when the file does not say."""
     try:
         with np.load(path) as f:
             mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
             n = int(f["n"]) if "n" in f.files else None
     except (OSError, ValueError, KeyError) as e:
         fail(f"{flag} {path}: not an .npz of FID statistics with mu and sigma ({type(e).__name__}: {e})")
-    if mu.shape != (fid.FEATURES,) or sigma.shape != (fid.FEATURES, fid.FEATURES):
-        fail(f"{flag} {path}: mu {mu.shape} and sigma {sigma.shape} are not statistics of Inception's "
-             f"{fid.FEATURES}-d pool3 features")
+    if mu.shape != (dims,) or sigma.shape != (dims, dims):
+        fail(f"{flag} {path}: mu {mu.shape} and sigma {sigma.shape} are not statistics of {dims}-d "
+             "Inception features (--dims)")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         fail(f"{flag} {path}: its statistics are not finite")
     if n is not None and n < 2:
@@ -444,7 +444,7 @@ def load_extractor(args):
         params = fid.load_inception(args.inception)
     except ValueError as e:
         fail(str(e))
-    return fid.Extractor(params, args.feature_batch)
+    return fid.Extractor(params, args.feature_batch, args.dims)
 
 
 def sampling_settings(args, captions):
@@ -564,30 +564,26 @@ def draw_sweep(rows, path):
 def fid_command(args):
     """`evaluate.py fid`: FID of --fake (a folder, an .npz, or sampled from --captions) or of
     --vqgan's reconstructions against --real."""
+    # what can be checked is checked before a network loads: captions, folders, statistics
     captions = read_captions(args.captions, args.num) if args.captions else None
-    real = args.real
-    if real.endswith(".npz"):
-        real = read_stats(real, "--real")
-    else:
-        real_files = list_images(real, "--real")
-    if args.fake and args.fake.endswith(".npz"):
-        fake = read_stats(args.fake, "--fake")
-    elif args.fake:
-        fake_files = list_images(args.fake, "--fake")
+    stats_or_files = lambda spec, flag: read_stats(spec, flag, args.dims) if spec.endswith(".npz") \
+        else list_images(spec, flag)
+    real = stats_or_files(args.real, "--real")
+    fake = stats_or_files(args.fake, "--fake") if args.fake else None
     extractor = load_extractor(args)
     if args.vqgan:                              # rFID: the real images against their reconstructions
-        return reconstruction_fid(args, extractor, real_files)
-    if isinstance(real, str):
-        real = inception_stats(extractor, real_files, "--real", args.crop)
+        return reconstruction_fid(args, extractor, real)
+    if isinstance(real, list):
+        real = inception_stats(extractor, real, "--real", args.crop)
         if args.save_stats:
             np.savez(args.save_stats, mu=real["mu"], sigma=real["sigma"], n=real["n"])
     if captions:
         base, sr = checkpoint.load_pipeline(args.checkpoint, args.superres)
-        fake_files = generate_set(args, base, sr, captions, args.outdir)
-    if not (args.fake or captions):
+        fake = generate_set(args, base, sr, captions, args.outdir)
+    if fake is None:                            # --save_stats alone
         return {"saved": args.save_stats, "n_real": real["n"], "unreadable_real": real["unreadable"]}
-    if not isinstance(fake, dict):
-        fake = inception_stats(extractor, fake_files, "--fake")
+    if isinstance(fake, list):
+        fake = inception_stats(extractor, fake, "--fake")
     return {"fid": fid_of(real, fake), "n_real": real["n"], "n_fake": fake["n"],
             "unreadable_real": real["unreadable"], "unreadable_fake": fake["unreadable"]}
 
@@ -633,9 +629,9 @@ def sweep_command(args):
     """`evaluate.py sweep`: FID and CLIP score at each --guidance, one JSON line each, and the
     FID-CLIP curve as OUTDIR/sweep.png."""
     captions = read_captions(args.captions, args.num)
-    real = read_stats(args.real, "--real") if args.real.endswith(".npz") else list_images(args.real, "--real")
+    real = read_stats(args.real, "--real", args.dims) if args.real.endswith(".npz") else list_images(args.real, "--real")
     extractor, model = load_extractor(args), load_clip_model(args)
-    if not isinstance(real, dict):
+    if isinstance(real, list):
         real = inception_stats(extractor, real, "--real", args.crop)
     base, sr = checkpoint.load_pipeline(args.checkpoint, args.superres)
     rows = []
@@ -660,6 +656,8 @@ def _metric_flags(s, inception=False, clip_model=False, generate=True):
     if inception:
         s.add_argument("--inception", required=True,
                        help="pytorch-fid's Inception weights converted to .safetensors (README, Metrics)")
+        s.add_argument("--dims", type=int, default=fid.FEATURES, choices=sorted(fid.BLOCKS),
+                       help="feature width (pytorch-fid's --dims); FID proper is 2048")
         s.add_argument("--crop", type=int, default=None,
                        help="centre-crop and resize --real images to this side first (bicubic); COCO: 256")
     if clip_model:

@@ -153,12 +153,19 @@ class InceptionE(nn.Module):            # FIDInceptionE_1 (Mixed_7b) and FIDInce
         return jnp.concatenate([b1, b3, bd, bp], -1)
 
 
+# pytorch-fid's --dims: the feature width -> the block whose (spatially averaged) output it is.
+# FID proper is 2048; the smaller ones are cheap stand-ins (a 64-d FID is no paper's number).
+BLOCKS = {64: 0, 192: 1, 768: 2, 2048: 3}
+
+
 class FIDInceptionV3(nn.Module):
-    """uint8 (B, H, W, 3) -> float32 (B, F): pool3 features, as pytorch-fid's InceptionV3()
-    (output block 3) computes them from the same images as [0, 1] tensors."""
+    """uint8 (B, H, W, 3) -> float32 (B, dims): pool3 features (dims 2048), as pytorch-fid's
+    InceptionV3([BLOCKS[dims]]) computes them from the same images as [0, 1] tensors."""
+    dims: int = FEATURES
 
     @nn.compact
     def __call__(self, images):
+        block = BLOCKS[self.dims]
         x = images.astype(jnp.float32) / 255                     # torchvision's ToTensor
         B = x.shape[0]
         # F.interpolate(bilinear, align_corners=False) neither antialiases nor skips a
@@ -168,20 +175,24 @@ class FIDInceptionV3(nn.Module):
         x = conv(32, 3, stride=2, name="Conv2d_1a_3x3")(x)       # (B, 149, 149, 32)
         x = conv(32, 3, name="Conv2d_2a_3x3")(x)
         x = conv(64, 3, padding=1, name="Conv2d_2b_3x3")(x)
-        x = max_pool(x)                                          # (B, 73, 73, 64)
-        x = conv(80, 1, name="Conv2d_3b_1x1")(x)
-        x = conv(192, 3, name="Conv2d_4a_3x3")(x)
-        x = max_pool(x)                                          # (B, 35, 35, 192)
-        x = InceptionA(32, name="Mixed_5b")(x)
-        x = InceptionA(64, name="Mixed_5c")(x)
-        x = InceptionA(64, name="Mixed_5d")(x)                   # (B, 35, 35, 288)
-        x = InceptionB(name="Mixed_6a")(x)                       # (B, 17, 17, 768)
-        for name, c7 in (("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160), ("Mixed_6e", 192)):
-            x = InceptionC(c7, name=name)(x)
-        x = InceptionD(name="Mixed_7a")(x)                       # (B, 8, 8, 1280)
-        x = InceptionE(False, name="Mixed_7b")(x)
-        x = InceptionE(True, name="Mixed_7c")(x)                 # (B, 8, 8, 2048)
-        return x.mean(axis=(1, 2))                               # (B, F): AdaptiveAvgPool2d(1)
+        x = max_pool(x)                                          # (B, 73, 73, 64): block 0
+        if block >= 1:
+            x = conv(80, 1, name="Conv2d_3b_1x1")(x)
+            x = conv(192, 3, name="Conv2d_4a_3x3")(x)
+            x = max_pool(x)                                      # (B, 35, 35, 192): block 1
+        if block >= 2:
+            x = InceptionA(32, name="Mixed_5b")(x)
+            x = InceptionA(64, name="Mixed_5c")(x)
+            x = InceptionA(64, name="Mixed_5d")(x)               # (B, 35, 35, 288)
+            x = InceptionB(name="Mixed_6a")(x)                   # (B, 17, 17, 768)
+            for name, c7 in (("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160), ("Mixed_6e", 192)):
+                x = InceptionC(c7, name=name)(x)                 # block 2
+        if block >= 3:
+            x = InceptionD(name="Mixed_7a")(x)                   # (B, 8, 8, 1280)
+            x = InceptionE(False, name="Mixed_7b")(x)
+            x = InceptionE(True, name="Mixed_7c")(x)             # (B, 8, 8, 2048)
+        # (B, dims): AdaptiveAvgPool2d(1) in the network for pool3, in get_activations otherwise
+        return x.mean(axis=(1, 2))
 
 
 # -----------------------------------------------------------------------------
@@ -260,19 +271,22 @@ def load_inception(path):
 # -----------------------------------------------------------------------------
 
 class Extractor:
-    """uint8 (B, H, W, 3) -> float32 (B, F) pool3 features, on every local device.
+    """uint8 (B, H, W, 3) -> float32 (B, dims) features (pool3: dims 2048), on every local device.
 
     Batches are padded to `batch_size` (a multiple of the device count) so each input size
     compiles once; with several devices the batch is split across them with pmap.
     """
 
-    def __init__(self, params, batch_size):
-        self.n = jax.local_device_count()
+    def __init__(self, params, batch_size, dims=FEATURES):
+        self.n, self.dims = jax.local_device_count(), dims
         self.batch_size = -(-batch_size // self.n) * self.n                  # round up to the devices
-        model = FIDInceptionV3()
+        model = FIDInceptionV3(dims)
         apply = lambda p, x: model.apply({"params": p}, x)
         if self.n > 1:
-            self.params = jax.device_put_replicated(params, jax.local_devices())
+            # one copy per device along a new leading axis, placed once by a pmapped identity
+            # (passed as host arrays, every batch would copy the 90 MB of weights again)
+            copies = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (self.n,) + np.shape(x)), params)
+            self.params = jax.pmap(lambda p: p)(copies)
             self._apply = jax.pmap(apply, axis_name="batch")
         else:
             self.params = jax.device_put(params)
