@@ -2078,11 +2078,13 @@ def test_fid_command_from_folders_and_npz(fid_reference, tmp_path, capsys):
 
 
 def test_rfid_compares_images_with_their_reconstructions(fid_reference, tiny_vqgan, tmp_path, capsys):
+    """evaluate.py fid --vqgan: the real images, cropped to the tokenizer's side, against their reconstructions."""
     _, path = fid_reference
     real = np.random.default_rng(0).integers(0, 256, (4, 40, 40, 3), dtype=np.uint8)
     out, _ = _eval_json(["fid", "--inception", path, "--dims", "64", "--real", _write_images(tmp_path / "r", real),
                          "--vqgan", str(tiny_vqgan)], capsys)
-    assert out["rfid"] > 0 and out["n"] == 4 and out["resolution"] == vqgan.VQGANConfig().resolution
+    S = checkpoint.read_checkpoint(str(tiny_vqgan))["config"]["vqgan"]["resolution"]
+    assert out["rfid"] > 0 and out["n"] == 4 and out["resolution"] == S
 
 
 def _tiny_clip(folder):
