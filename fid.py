@@ -4,7 +4,7 @@
 
 Heusel et al. 2017 ("GANs trained by a two time-scale update rule", §3) define FID as the
 Fréchet distance between two Gaussians fitted to Inception pool3 features; Muse reports it
-on COCO and CC3M (§4.2, Table 1-2). Numbers are only comparable when computed by the same
+on COCO and CC3M (§4.2, Tables 1-2). Numbers are only comparable when computed by the same
 network, so this is the network of pytorch-fid (mseitzer/pytorch-fid, `InceptionV3` with
 `use_fid_inception=True`): the 2015 TensorFlow Inception weights the original TF FID code
 used, with the three quirks of that graph (FIDInceptionA/C/E: average pools that ignore the
@@ -13,7 +13,7 @@ without antialiasing, [0, 1] scaled to [-1, 1]. Parameter names are pytorch-fid'
 keys, so `inception_params_from_torch` is a transpose per conv and nothing else; the file
 pytorch-fid downloads is converted once (README, "Metrics"). The Fréchet distance is
 pytorch-fid's `calculate_frechet_distance`, step for step, on the same float64 statistics.
-evaluate.py streams images from disk through `features`.
+evaluate.py streams images from disk through `Extractor`.
 
 Shape legend: B images, H x W input pixels, C channels, F = 2048 pool3 features.
 """
