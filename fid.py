@@ -17,6 +17,7 @@ evaluate.py streams images from disk through `Extractor`.
 
 Shape legend: B images, H x W input pixels, C channels, F = 2048 pool3 features.
 """
+import functools
 import sys
 
 import numpy as np
@@ -270,6 +271,15 @@ def load_inception(path):
 # Features, batched and compiled; statistics; the Fréchet distance
 # -----------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=None)
+def _forward(dims, devices):
+    """The compiled forward, one per feature width and device count, shared by every
+    Extractor (a sweep, or a test, builds several)."""
+    model = FIDInceptionV3(dims)
+    apply = lambda p, x: model.apply({"params": p}, x)
+    return jax.pmap(apply, axis_name="batch") if devices > 1 else jax.jit(apply)
+
+
 class Extractor:
     """uint8 (B, H, W, 3) -> float32 (B, dims) features (pool3: dims 2048), on every local device.
 
@@ -280,17 +290,14 @@ class Extractor:
     def __init__(self, params, batch_size, dims=FEATURES):
         self.n, self.dims = jax.local_device_count(), dims
         self.batch_size = -(-batch_size // self.n) * self.n                  # round up to the devices
-        model = FIDInceptionV3(dims)
-        apply = lambda p, x: model.apply({"params": p}, x)
+        self._apply = _forward(dims, self.n)
         if self.n > 1:
             # one copy per device along a new leading axis, placed once by a pmapped identity
             # (passed as host arrays, every batch would copy the 90 MB of weights again)
             copies = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (self.n,) + np.shape(x)), params)
             self.params = jax.pmap(lambda p: p)(copies)
-            self._apply = jax.pmap(apply, axis_name="batch")
         else:
             self.params = jax.device_put(params)
-            self._apply = jax.jit(apply)
 
     def __call__(self, images):
         B = len(images)
@@ -299,7 +306,7 @@ class Extractor:
             # (batch, H, W, 3) -> (devices, batch / devices, H, W, 3): one slice per device
             padded = padded.reshape(self.n, -1, *padded.shape[1:])
         out = np.asarray(self._apply(self.params, padded))
-        return out.reshape(-1, out.shape[-1])[:B]                           # (B, F)
+        return out.reshape(-1, out.shape[-1])[:B]                           # (B, dims)
 
 
 def statistics(features):

@@ -1932,29 +1932,44 @@ def _pytorch_fid():
 
 
 @pytest.fixture(scope="module")
-def fid_reference(tmp_path_factory):
-    """pytorch-fid's InceptionV3 on random weights (its loader, which downloads, returns the
-    network's own state dict), with BatchNorm statistics drawn away from 0 and 1, and those
-    weights written as README's conversion one-liner writes them -> (model, weight file)."""
+def inception_file(tmp_path_factory):
+    """Random weights of the FID network in the layout of pytorch-fid's file, as README's
+    conversion one-liner writes it (conv weights (out, in, kh, kw); no torch needed): He-scaled
+    convs, so activations neither vanish nor blow up, and BatchNorm statistics away from 0 and 1."""
+    import safetensors.numpy
+    rng = np.random.default_rng(0)
+    state = {}
+    for name, shape in fid.expected_shapes().items():
+        *path, leaf = name.split("/")
+        if leaf == "kernel":                    # (kh, kw, in, out)
+            w = rng.normal(0, np.sqrt(2 / np.prod(shape[:3])), shape).transpose(3, 2, 0, 1)
+            state[".".join(path + ["weight"])] = w
+        else:
+            low, high = (0.5, 1.5) if leaf in ("weight", "running_var") else (-0.1, 0.1)
+            state[".".join(path + [leaf])] = rng.uniform(low, high, shape)
+    path = str(tmp_path_factory.mktemp("inception") / "pt_inception.safetensors")
+    safetensors.numpy.save_file({k: np.ascontiguousarray(v, np.float32) for k, v in state.items()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def fid_reference(inception_file):
+    """pytorch-fid's InceptionV3 on the weights of `inception_file`: its loader, which would
+    download the real file, returns them (with the classifier and BatchNorm counters that its
+    strict load also wants from the network's own state dict)."""
     torch = _torch()
     pt, _ = _pytorch_fid()
-    from safetensors.torch import save_file
+    import safetensors.torch
     built = []
     real = pt._inception_v3
     mp = pytest.MonkeyPatch()
     mp.setattr(pt, "_inception_v3", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
-    mp.setattr(pt, "load_state_dict_from_url", lambda *a, **k: built[-1].state_dict())
+    mp.setattr(pt, "load_state_dict_from_url",
+               lambda *a, **k: {**built[-1].state_dict(), **safetensors.torch.load_file(inception_file)})
     torch.manual_seed(0)
     model = pt.InceptionV3().eval()
     mp.undo()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5), m.bias.normal_(0, 0.1)
-    path = str(tmp_path_factory.mktemp("inception") / "pt_inception.safetensors")
-    save_file({k: v.contiguous() for k, v in built[-1].state_dict().items()}, path)
-    return model, path
+    return model, inception_file
 
 
 def _pytorch_fid_features(model, images):
@@ -2042,17 +2057,14 @@ def _eval_json(argv, capsys):
     return json.loads(out.out.strip().splitlines()[-1]), out.err
 
 
-def test_fid_command_from_folders_and_npz(fid_reference, tmp_path, capsys):
+def test_fid_command_from_folders_and_npz(inception_file, tmp_path, capsys):
     """evaluate.py fid end to end (64-d features keep sqrtm cheap): the FID of a folder with
-    itself is 0, grows with noise, equals the reference's on the same features; --save_stats
-    gives the same number from the .npz; an unreadable file is skipped and counted; fewer
-    than 2,048 images warn."""
-    model, path = fid_reference
-    _, ref = _pytorch_fid()
+    itself is 0 and grows with noise; --save_stats gives the same number from the .npz; an
+    unreadable file is skipped and counted; fewer than 2,048 images warn."""
     rng = np.random.default_rng(0)
     real = rng.integers(0, 256, (6, 48, 48, 3), dtype=np.uint8)
     real_dir = _write_images(tmp_path / "real", real)
-    flags = ["--inception", path, "--dims", "64", "--feature_batch", "4"]
+    flags = ["--inception", inception_file, "--dims", "64", "--feature_batch", "4"]
     same, err = _eval_json(["fid", *flags, "--real", real_dir, "--fake", real_dir], capsys)
     assert abs(same["fid"]) < 1e-6 and same["n_real"] == same["n_fake"] == 6 and "warning" in err
     fids = []
@@ -2061,13 +2073,6 @@ def test_fid_command_from_folders_and_npz(fid_reference, tmp_path, capsys):
         noisy_dir = _write_images(tmp_path / f"noisy{s}", noisy)
         fids.append(_eval_json(["fid", *flags, "--real", real_dir, "--fake", noisy_dir], capsys)[0]["fid"])
     assert 0 < fids[0] < fids[1], fids
-    torch = _torch()
-    with torch.no_grad():
-        feats = [model.blocks[0](2 * torch.nn.functional.interpolate(
-            torch.tensor(x).permute(0, 3, 1, 2).float() / 255, size=(299, 299), mode="bilinear") - 1).mean((2, 3))
-            .numpy().astype(np.float64) for x in (real, noisy)]
-    want = ref.calculate_frechet_distance(*fid.statistics(feats[0]), *fid.statistics(feats[1]))
-    np.testing.assert_allclose(fids[1], want, rtol=1e-3)
     stats = str(tmp_path / "real.npz")
     saved, _ = _eval_json(["fid", *flags, "--real", real_dir, "--save_stats", stats], capsys)
     assert saved["n_real"] == 6 and int(np.load(stats)["n"]) == 6
@@ -2077,11 +2082,28 @@ def test_fid_command_from_folders_and_npz(fid_reference, tmp_path, capsys):
     assert again["unreadable_fake"] == 1 and again["n_fake"] == 6
 
 
-def test_rfid_compares_images_with_their_reconstructions(fid_reference, tiny_vqgan, tmp_path, capsys):
+def test_fid_command_matches_pytorch_fid(fid_reference, tmp_path, capsys):
+    """The FID evaluate.py prints for two folders = pytorch-fid's Fréchet distance of its own
+    network's features of the same PNGs (64-d: the first block, as its get_activations pools it)."""
+    torch = _torch()
+    _, ref = _pytorch_fid()
+    model, path = fid_reference
+    rng = np.random.default_rng(2)
+    sets = [rng.integers(0, 256, (5, 40, 40, 3), dtype=np.uint8) for _ in range(2)]
+    dirs = [_write_images(tmp_path / name, x) for name, x in zip(("a", "b"), sets)]
+    out, _ = _eval_json(["fid", "--inception", path, "--dims", "64", "--real", dirs[0], "--fake", dirs[1]], capsys)
+    with torch.no_grad():
+        feats = [model.blocks[0](2 * torch.nn.functional.interpolate(
+            torch.tensor(x).permute(0, 3, 1, 2).float() / 255, size=(299, 299), mode="bilinear") - 1).mean((2, 3))
+            .numpy().astype(np.float64) for x in sets]
+    stats = [(f.mean(0), np.cov(f, rowvar=False)) for f in feats]
+    np.testing.assert_allclose(out["fid"], ref.calculate_frechet_distance(*stats[0], *stats[1]), rtol=1e-4)
+
+
+def test_rfid_compares_images_with_their_reconstructions(inception_file, tiny_vqgan, tmp_path, capsys):
     """evaluate.py fid --vqgan: the real images, cropped to the tokenizer's side, against their reconstructions."""
-    _, path = fid_reference
     real = np.random.default_rng(0).integers(0, 256, (4, 40, 40, 3), dtype=np.uint8)
-    out, _ = _eval_json(["fid", "--inception", path, "--dims", "64", "--real", _write_images(tmp_path / "r", real),
+    out, _ = _eval_json(["fid", "--inception", inception_file, "--dims", "64", "--real", _write_images(tmp_path / "r", real),
                          "--vqgan", str(tiny_vqgan)], capsys)
     S = checkpoint.read_checkpoint(str(tiny_vqgan))["config"]["vqgan"]["resolution"]
     assert out["rfid"] > 0 and out["n"] == 4 and out["resolution"] == S
@@ -2170,8 +2192,9 @@ def test_clip_command_samples_resumes_and_scores(tmp_path, tiny_base, capsys):
     assert e.value.code == 1 and len(err) == 1 and "guidance differ" in err[0], err
 
 
-def test_sweep_writes_a_line_per_scale_and_the_plot(fid_reference, tmp_path, tiny_base, capsys):
-    _, path = fid_reference
+def test_sweep_writes_a_line_per_scale_and_the_plot(inception_file, tmp_path, tiny_base, capsys):
+    """evaluate.py sweep: a JSON line per guidance scale (FID, CLIP score) and the FID-CLIP plot."""
+    path = inception_file
     _tiny_clip(tmp_path / "clip")
     (tmp_path / "captions.txt").write_text("a red circle\na blue square\n")
     real = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
@@ -2184,10 +2207,10 @@ def test_sweep_writes_a_line_per_scale_and_the_plot(fid_reference, tmp_path, tin
     assert Image.open(tmp_path / "sweep" / "sweep.png").size == (640, 480)
 
 
-def test_metric_cli_errors(fid_reference, tmp_path, capsys):
-    """Bad input to fid / clip: one line, a non-zero exit, before any network loads where it can."""
+def test_metric_cli_errors(inception_file, tmp_path, capsys):
+    """Bad input to fid / clip / sweep: one line, a non-zero exit, before any network loads where it can."""
     import safetensors.numpy
-    _, path = fid_reference
+    path = inception_file
     real = _write_images(tmp_path / "real", np.zeros((3, 8, 8, 3), np.uint8))
     one = _write_images(tmp_path / "one", np.zeros((1, 8, 8, 3), np.uint8))
     os.makedirs(tmp_path / "empty")
