@@ -396,7 +396,7 @@ def check_count(n, flag, unreadable=0):
     if n < 2:
         fail(f"{flag}: {n} readable image{'s' * (n != 1)}{skipped}; a covariance needs at least 2")
     if n < FEW_IMAGES:
-        print(f"warning: {flag}: {n} images{skipped}; FID is biased upwards under {FEW_IMAGES} "
+        print(f"warning: {flag}: {n} images{skipped}; FID is biased upwards under {FEW_IMAGES:,} "
               "(the papers use 30,000)", file=sys.stderr)
 
 

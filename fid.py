@@ -19,6 +19,7 @@ Shape legend: B images, H x W input pixels, C channels, F = 2048 pool3 features.
 """
 import functools
 import sys
+import warnings
 
 import numpy as np
 import jax
@@ -326,11 +327,17 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
         raise ValueError(f"the two sets' statistics differ in shape: mu {mu1.shape} vs {mu2.shape}, "
                          f"sigma {sigma1.shape} vs {sigma2.shape}")
     diff = mu1 - mu2
-    covmean = linalg.sqrtm(sigma1.dot(sigma2))         # pytorch-fid passes disp=False: the same matrix
+    with warnings.catch_warnings():
+        # scipy warns "Matrix is singular" whenever there are fewer images than features;
+        # what the result needs is decided below, as pytorch-fid decides it
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(sigma1.dot(sigma2))     # pytorch-fid passes disp=False: the same matrix
     if not np.isfinite(covmean).all():
         print(f"warning: the covariance product is singular; adding {eps} to both diagonals", file=sys.stderr)
         offset = np.eye(sigma1.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", linalg.LinAlgWarning)
+            covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise ValueError(f"sqrtm of the covariance product has an imaginary part of "

@@ -4,7 +4,9 @@
 
 What is checked: the shapes world keeps to its contract; every module's shapes; the
 straight-through gradient; T5 parity with transformers' PyTorch T5EncoderModel (ReLU and
-gated-GELU, with padding; skipped without torch); the masking distribution; the decoding
+gated-GELU, with padding; skipped without torch); Inception-v3 features and the Fréchet
+distance against pytorch-fid, CLIP against transformers' CLIPModel, and evaluate.py's fid,
+clip and sweep commands; the masking distribution; the decoding
 schedule and its invariants (each token revealed once, known tokens kept, counts as
 scheduled); guidance 0 = the conditional model; pmap on 4 devices = 1 device = 2 processes
 of 2 devices (multi-host); checkpoint round trip and exact resume; tiny overfits of both
