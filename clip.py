@@ -196,13 +196,17 @@ def clip_params_from_hf(state):
     return params
 
 
+# transformers' CLIPVisionConfig defaults where they differ from CLIPTextConfig's (which are
+# TowerConfig's own): a config.json may leave out any value equal to its default
+VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12)
+
+
 def config_from_hf(hf):
     """transformers' CLIPConfig (config.json, a dict) -> CLIPConfig."""
     fields = set(TowerConfig.__dataclass_fields__)
     tower = lambda d: TowerConfig(**{k: v for k, v in d.items() if k in fields})
-    text = dict(hf.get("text_config") or {})
-    text.setdefault("eos_token_id", TowerConfig.eos_token_id)
-    return CLIPConfig(tower(text), tower(hf.get("vision_config") or {}), hf.get("projection_dim", 512))
+    vision = {**VISION_DEFAULTS, **(hf.get("vision_config") or {})}
+    return CLIPConfig(tower(hf.get("text_config") or {}), tower(vision), hf.get("projection_dim", 512))
 
 
 class CLIP:

@@ -2168,6 +2168,21 @@ def test_clip_matches_transformers(tmp_path):
     np.testing.assert_allclose(clip.clip_score(image, text), 100 * np.maximum(cos, 0), atol=1e-3)
 
 
+def test_clip_config_defaults_are_transformers():
+    """A config.json may leave out values equal to transformers' defaults, which differ
+    between the towers (vision 768 wide, text 512): an empty one reads as CLIPConfig()."""
+    from transformers import CLIPConfig
+    ref, cfg = CLIPConfig(), clip.config_from_hf({"text_config": {}, "vision_config": {}})
+    for ours, theirs in ((cfg.text, ref.text_config), (cfg.vision, ref.vision_config)):
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "layer_norm_eps", "hidden_act"):
+            assert getattr(ours, name) == getattr(theirs, name), name
+    assert (cfg.text.vocab_size, cfg.text.max_position_embeddings, cfg.text.eos_token_id) == (
+        ref.text_config.vocab_size, ref.text_config.max_position_embeddings, ref.text_config.eos_token_id)
+    assert (cfg.vision.image_size, cfg.vision.patch_size, cfg.projection_dim) == (
+        ref.vision_config.image_size, ref.vision_config.patch_size, ref.projection_dim)
+
+
 def test_clip_command_samples_resumes_and_scores(tmp_path, tiny_base, capsys):
     """evaluate.py clip from a checkpoint: samples the captions into --outdir, a deleted image
     is redrawn identically on resume, other flags on the same folder are refused, and
