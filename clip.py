@@ -268,9 +268,17 @@ def load_clip(path):
             hf = json.load(f)
         if "vision_config" not in hf or "text_config" not in hf:
             raise ValueError("its config.json is not a CLIPModel's (no text_config / vision_config)")
-        # framework "flax": numpy's reader cannot hold bfloat16 checkpoints
-        with safe_open(os.path.join(path, "model.safetensors"), framework="flax") as f:
-            state = {k: np.asarray(f.get_tensor(k)) for k in f.keys()}
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.exists(index):               # large CLIPs (ViT-bigG) are sharded
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        else:
+            shards = ["model.safetensors"]
+        state = {}
+        for shard in shards:
+            # framework "flax": numpy's reader cannot hold bfloat16 checkpoints
+            with safe_open(os.path.join(path, shard), framework="flax") as f:
+                state.update({k: np.asarray(f.get_tensor(k)) for k in f.keys()})
         tokenizer = CLIPTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
         raise ValueError(f"--clip {path}: not a Hugging Face CLIP folder (config.json, model.safetensors, "

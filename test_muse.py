@@ -2235,6 +2235,7 @@ def test_metric_cli_errors(inception_file, tmp_path, capsys):
     safetensors.numpy.save_file({"conv1.weight": np.zeros((64, 3, 7, 7), np.float32)}, other)
     np.savez(tmp_path / "short.npz", mu=np.zeros(10), sigma=np.eye(10))
     (tmp_path / "gaps.txt").write_text("a red circle\n\na blue square\n")
+    (tmp_path / "three.txt").write_text("a red circle\na blue square\ntwo green triangles\n")
     fid_flags = ["fid", "--inception", path, "--dims", "64"]
     cases = [
         ([*fid_flags, "--real", str(tmp_path / "empty"), "--fake", real], "no images"),
@@ -2250,6 +2251,12 @@ def test_metric_cli_errors(inception_file, tmp_path, capsys):
          "line 2 is empty"),
         (["sweep", "--inception", path, "--clip", "c", "--real", real, "--captions", "c.txt", "--outdir", "o",
           "--guidance", "1,x"], "comma-separated numbers"),
+        (["clip", "--clip", str(tmp_path / "empty"), "--images", real, "--captions", str(tmp_path / "three.txt")],
+         "not a Hugging Face CLIP folder"),
+        (["clip", "--clip", str(tmp_path / "empty"), "--images", real, "--captions", str(tmp_path / "gaps.txt"),
+          "--num", "2"], "line 2 is empty"),
+        (["clip", "--clip", str(tmp_path / "empty"), "--images", real, "--captions", str(tmp_path / "three.txt"),
+          "--num", "2"], "holds 3 images but --captions 2 captions"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as e:
