@@ -225,8 +225,26 @@ class CLIP:
         self.mean = np.array(pre.get("image_mean", OPENAI_MEAN), np.float32)
         self.std = np.array(pre.get("image_std", OPENAI_STD), np.float32)
         model = CLIPModel(cfg)
-        self._image = jax.jit(lambda p, x: model.apply({"params": p}, x, method=CLIPModel.image_features))
-        self._text = jax.jit(lambda p, i, m: model.apply({"params": p}, i, m, method=CLIPModel.text_features))
+        image = lambda p, x: model.apply({"params": p}, x, method=CLIPModel.image_features)
+        text = lambda p, i, m: model.apply({"params": p}, i, m, method=CLIPModel.text_features)
+        self.n = jax.local_device_count()
+        if self.n > 1:                          # data-parallel over the local devices
+            self._image, self._text = jax.pmap(image), jax.pmap(text)
+            copies = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (self.n,) + np.shape(x)), params)
+            self.params = jax.pmap(lambda p: p)(copies)       # placed once, one copy per device
+        else:
+            self._image, self._text = jax.jit(image), jax.jit(text)
+
+    def _run(self, fn, *arrays):
+        """fn over arrays (B, ...): with several devices, padded to a multiple of their count
+        and split (devices, B / devices, ...) across them -> (B, E)."""
+        if self.n == 1:
+            return np.asarray(fn(self.params, *arrays))
+        B = len(arrays[0])
+        pad = -B % self.n
+        split = lambda a: np.concatenate([a, np.repeat(a[-1:], pad, 0)]).reshape(self.n, -1, *a.shape[1:])
+        out = np.asarray(fn(self.params, *map(split, arrays)))
+        return out.reshape(-1, out.shape[-1])[:B]                           # (B, E)
 
     def preprocess(self, image: Image.Image):
         """A PIL image -> float32 (S, S, 3): CLIPImageProcessor's steps. The short side is
@@ -244,7 +262,7 @@ class CLIP:
 
     def image_features(self, pixels):
         """float (B, S, S, 3), preprocessed -> (B, E)."""
-        return np.asarray(self._image(self.params, pixels))
+        return self._run(self._image, pixels)
 
     def tokenize(self, captions):
         """-> ids int32 (B, L), mask bool (B, L): padded to L so every batch reuses one
@@ -255,7 +273,7 @@ class CLIP:
         return out["input_ids"].astype(np.int32), out["attention_mask"].astype(bool)
 
     def text_features(self, captions):
-        return np.asarray(self._text(self.params, *self.tokenize(captions)))
+        return self._run(self._text, *self.tokenize(captions))
 
 
 def load_clip(path):

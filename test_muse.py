@@ -2138,10 +2138,12 @@ def _tiny_clip(folder):
 def test_clip_matches_transformers(tmp_path):
     """load_clip on a tiny random CLIPModel folder: CLIPImageProcessor's pixels (images of
     other sizes and aspect ratios), get_image_features, get_text_features (captions of
-    different lengths, the empty one) and torchmetrics' score formula on them."""
+    different lengths, the empty one) and torchmetrics' score formula on them; on the 4 test
+    devices (pmap: 3 rows padded to 4, then cut)."""
     torch = _torch()
     hf = _tiny_clip(tmp_path)
     model = clip.load_clip(str(tmp_path))
+    assert model.n == 4
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((40, 50), (64, 33), (32, 32))]
     captions = ["a red circle", "red red re", ""]
