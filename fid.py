@@ -249,6 +249,9 @@ def check_params(params, where):
 def load_inception(path):
     """A .safetensors or .npz holding pytorch-fid's state dict -> params, or raises ValueError
     with a one-line reason (not such a file, another network)."""
+    if path.endswith((".pth", ".pt")):
+        raise ValueError(f"--inception {path}: a torch file; convert it once to .safetensors with the one-liner "
+                         "in README's \"Metrics\" (torch never runs here)")
     try:
         if path.endswith(".npz"):
             with np.load(path) as f:
