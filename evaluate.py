@@ -414,8 +414,8 @@ def read_stats(path, flag, dims):
              "Inception features (--dims)")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         fail(f"{flag} {path}: its statistics are not finite")
-    if n is not None and n < 2:
-        fail(f"{flag} {path}: statistics of {n} image(s); a covariance needs at least 2")
+    if n is not None:
+        check_count(n, f"{flag} {path}")
     return {"mu": mu, "sigma": sigma, "n": n, "unreadable": 0}
 
 
