@@ -664,8 +664,9 @@ def _metric_flags(s, inception=False, clip_model=False, generate=True):
         s.add_argument("--clip", required=True, help="a Hugging Face CLIP folder (e.g. clip-vit-base-patch32/)")
     s.add_argument("--feature_batch", type=int, default=50, help="images per Inception / CLIP forward pass")
     if generate:
-        s.add_argument("--captions", default=None, help="one caption a line, or a metadata.jsonl")
-        s.add_argument("--num", type=int, default=None, help="the first N captions (default: all)")
+        s.add_argument("--captions", default=None, help="one caption a line, or a metadata.jsonl; sampled from "
+                       "--checkpoint into --outdir, unless the images are given (clip --images)")
+        s.add_argument("--num", type=int, default=None, help="use the first N captions (None: all)")
         s.add_argument("--outdir", default=None, help="where samples are written (and resumed from)")
         sample.add_sampling_flags(s)
         s.set_defaults(edit=None, init=None, mask=None, outpaint=None, lowres_out=None)
