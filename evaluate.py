@@ -666,7 +666,7 @@ def _metric_flags(s, inception=False, clip_model=False, generate=True):
     if generate:
         s.add_argument("--captions", default=None, help="one caption a line, or a metadata.jsonl; sampled from "
                        "--checkpoint into --outdir, unless the images are given (clip --images)")
-        s.add_argument("--num", type=int, default=None, help="use the first N captions (None: all)")
+        s.add_argument("--num", type=int, default=None, help="use the first N captions (None: all of them)")
         s.add_argument("--outdir", default=None, help="where samples are written (and resumed from)")
         sample.add_sampling_flags(s)
         s.set_defaults(edit=None, init=None, mask=None, outpaint=None, lowres_out=None)
@@ -693,7 +693,7 @@ def parse_args(argv=None):
     _metric_flags(f, inception=True)
     c = sub.add_parser("clip", help="CLIP score of --images (or of samples of --captions) with their captions",
                        formatter_class=fmt)
-    c.add_argument("--images", default=None, help="a folder of images (default: sample --captions to --outdir)")
+    c.add_argument("--images", default=None, help="a folder of images (None: sample --captions into --outdir)")
     _metric_flags(c, clip_model=True)
     w = sub.add_parser("sweep", help="FID and CLIP score at each guidance scale, and their trade-off plot",
                        formatter_class=fmt, conflict_handler="resolve")
