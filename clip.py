@@ -11,8 +11,9 @@ end-of-text token's output, projected. Parameter names follow transformers' stat
 any Hugging Face CLIP folder (config.json, model.safetensors, the tokenizer's files,
 preprocessor_config.json) loads: ViT-B/32, ViT-B/16, ViT-L/14, ... with `load_clip`.
 
-Shape legend: B batch, S image side, P patches (+1 class token), L text tokens, D tower
-width, E shared embedding width (projection_dim).
+Shape legend: B batch, S image side, P patches (+1 class token), L text tokens, T either
+tower's tokens (P or L), D tower width, H heads, dh = D / H, E shared embedding width
+(projection_dim).
 """
 import json
 import os
@@ -52,9 +53,9 @@ class TowerConfig:
 
 @dataclass(frozen=True)
 class CLIPConfig:
-    text: TowerConfig
-    vision: TowerConfig
-    projection_dim: int = 512              # E
+    text: TowerConfig                      # the causal text encoder
+    vision: TowerConfig                    # the ViT
+    projection_dim: int = 512              # E: both towers project to it
 
 
 ACTIVATIONS = {"quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -76,7 +77,7 @@ class EncoderLayer(nn.Module):
         split = lambda y: y.reshape(B, T, H, D // H)                      # (B, T, H, dh)
         q, k, v = (split(nn.Dense(D, name=f"self_attn_{n}")(h)) for n in ("q_proj", "k_proj", "v_proj"))
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (D // H) ** -0.5 + bias   # (B, H, T, T)
-        out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, -1), v).reshape(B, T, D)
+        out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, -1), v).reshape(B, T, D)    # (B, T, D)
         x = x + nn.Dense(D, name="self_attn_out_proj")(out)
         h = nn.LayerNorm(c.layer_norm_eps, name="layer_norm2")(x)
         h = nn.Dense(c.intermediate_size, name="mlp_fc1")(h)
