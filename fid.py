@@ -163,7 +163,7 @@ BLOCKS = {64: 0, 192: 1, 768: 2, 2048: 3}
 class FIDInceptionV3(nn.Module):
     """uint8 (B, H, W, 3) -> float32 (B, dims): pool3 features (dims 2048), as pytorch-fid's
     InceptionV3([BLOCKS[dims]]) computes them from the same images as [0, 1] tensors."""
-    dims: int = FEATURES
+    dims: int = FEATURES              # 2048 (FID), or 64 / 192 / 768: an earlier block (BLOCKS)
 
     @nn.compact
     def __call__(self, images):
