@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import flax.linen as nn
 from PIL import Image
 
+import muse
+
 # transformers (the tokenizer) warns at import that PyTorch is absent: nothing here uses it
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
@@ -280,24 +282,13 @@ class CLIP:
 def load_clip(path):
     """A Hugging Face CLIP folder (config.json, model.safetensors, tokenizer files) -> CLIP.
     Raises ValueError with a one-line reason when the folder is not one."""
-    from safetensors import safe_open
     from transformers import CLIPTokenizer
     try:
         with open(os.path.join(path, "config.json")) as f:
             hf = json.load(f)
         if "vision_config" not in hf or "text_config" not in hf:
             raise ValueError("its config.json is not a CLIPModel's (no text_config / vision_config)")
-        index = os.path.join(path, "model.safetensors.index.json")
-        if os.path.exists(index):               # large CLIPs (ViT-bigG) are sharded
-            with open(index) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-        else:
-            shards = ["model.safetensors"]
-        state = {}
-        for shard in shards:
-            # framework "flax": numpy's reader cannot hold bfloat16 checkpoints
-            with safe_open(os.path.join(path, shard), framework="flax") as f:
-                state.update({k: np.asarray(f.get_tensor(k)) for k in f.keys()})
+        state = muse.read_safetensors(path)     # sharded too (ViT-bigG), float32, float16 or bfloat16
         tokenizer = CLIPTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
         raise ValueError(f"--clip {path}: not a Hugging Face CLIP folder (config.json, model.safetensors, "
