@@ -1,7 +1,15 @@
-"""How often a trained pipeline draws what its prompt says, on the built-in shapes world.
+"""Evaluation: the shapes checker, and the paper's metrics (FID, CLIP score, their guidance sweep, rFID).
 
     python evaluate.py shapes --num 200 --seed 0                       # the shipped demo: a table, then one JSON line
     python evaluate.py shapes --checkpoint runs/base --num 200 --batch_size 40 --outdir eval/
+    python evaluate.py fid --inception pt_inception.safetensors --real coco/ --save_stats coco30k.npz
+    python evaluate.py fid --inception pt_inception.safetensors --real coco30k.npz --fake samples/
+    python evaluate.py fid --inception pt_inception.safetensors --real coco30k.npz --checkpoint runs/base \
+        --captions captions.txt --outdir samples/                      # samples the fake set, resumably
+    python evaluate.py fid --inception pt_inception.safetensors --real coco/ --vqgan runs/vq    # rFID
+    python evaluate.py clip --clip clip-vit-base-patch32/ --images samples/ --captions captions.txt
+    python evaluate.py sweep --checkpoint runs/base --inception pt_inception.safetensors --clip clip-vit-base-patch32/ \
+        --real coco30k.npz --captions captions.txt --outdir sweep/ --guidance 0,1,2,3,5,8
 
 `evaluate.py shapes` draws --num prompts from SHAPES.md's five caption templates (the same
 number from each, plus as many held-out relations when the run was trained with --holdout),
@@ -10,22 +18,37 @@ checker that reads pixels only: the colour, count, shape, size, position and rel
 caption states. With --outdir it also writes the images and results.jsonl (one line per
 prompt: its template, caption, pass, and the first thing that failed). docs/results.md holds
 what the shipped demo scores.
+
+`fid`, `clip` and `sweep` compute the numbers of the paper's Table 1-2 and Fig. 8 (§4.2) as
+the cited tools do: FID with pytorch-fid's Inception network and Fréchet distance (fid.py),
+CLIP score as torchmetrics' CLIPScore, 100 * max(cos, 0) averaged (clip.py; the paper's
+0.32 reads 32 here). Each prints one JSON line (sweep: one per guidance scale, and draws
+OUTDIR/sweep.png). Samples of a captions file are written to --outdir as 00000.png, ...,
+at sample.py's flags, and a killed run resumes where it stopped. README's "Metrics" part
+says where the weights come from and the COCO-30k protocol.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
 import re
+import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import jax.numpy as jnp
 from PIL import Image
+from tqdm import tqdm
 
 import checkpoint
+import clip
+import data
+import fid
 import sample
 import shapes
 import vqgan
-from checkpoint import Parser, unwritable
+from checkpoint import Parser, fail, unwritable
 
 
 # -----------------------------------------------------------------------------
@@ -277,34 +300,454 @@ def evaluate(args, base, sr):
 
 
 # -----------------------------------------------------------------------------
+# The paper's metrics: FID and CLIP score (§4.2), the guidance sweep (Fig. 8), rFID
+# -----------------------------------------------------------------------------
+# Images are read from disk a batch at a time (never all of them: COCO-30k at 256 px is
+# 6 GB) and only their features are kept (8 KB an image for Inception's 2048 floats).
+
+IMAGE_EXTENSIONS = {"bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp"}   # pytorch-fid's
+# With fewer images than features the covariance (2048 x 2048) is rank-deficient and FID is
+# biased upwards; pytorch-fid's README gives 2,048 as the minimum for the 2048-d features.
+FEW_IMAGES = fid.FEATURES
+
+
+def list_images(folder, flag):
+    """The image files directly in `folder`, sorted by name (as pytorch-fid lists them)."""
+    if not os.path.isdir(folder):
+        fail(f"{flag} {folder}: no such folder")
+    files = sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                   if f.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS)
+    if not files:
+        fail(f"{flag} {folder}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return files
+
+
+def read_captions(path, num=None):
+    """A captions file -> [(file name or None, caption)], the first `num` of them.
+
+    One caption a line, or a metadata.jsonl ({"file_name": ..., "text": ...} a line, data.py's
+    image-folder format: its file names pair captions with images). Blank lines at the end
+    are ignored; a blank line inside is an error, since skipping it would pair every later
+    caption with the wrong image.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"--captions {path}: cannot read it ({e})")
+    while lines and not lines[-1].strip():
+        lines.pop()
+    out = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            fail(f"--captions {path} line {i} is empty: one caption per line (a blank line would shift "
+                 "every later caption onto the wrong image)")
+        if path.endswith(".jsonl"):
+            try:
+                row = json.loads(line)
+                name, text = row.get("file_name"), row.get("text", row.get("caption"))
+            except (ValueError, AttributeError):
+                fail(f"--captions {path} line {i}: not a JSON object")
+            if not isinstance(text, str) or not text.strip():
+                fail(f"--captions {path} line {i} has no \"text\"")
+            out.append((name, text.strip()))
+        else:
+            out.append((None, line.strip()))
+    if not out:
+        fail(f"--captions {path} holds no caption")
+    if num is not None and num > len(out):
+        fail(f"--num {num}: --captions {path} holds only {len(out)} captions")
+    return out[:num]
+
+
+def read_image(path, crop=None):
+    """-> uint8 (H, W, 3), centre-cropped and resized to `crop` px if given; None if unreadable."""
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            return data.center_crop(img, crop) if crop else np.asarray(img)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def batches(files, batch_size, read, counts):
+    """Files -> (indices, array (B, ...)) batches of equally shaped images, read one batch at
+    a time on a few threads (PIL decodes without holding the GIL). Unreadable files are
+    skipped and counted in counts["unreadable"]; a change of size starts a new batch."""
+    idx, pending = [], []
+    with ThreadPoolExecutor(4) as pool:
+        for start in range(0, len(files), batch_size):
+            for i, image in enumerate(pool.map(read, files[start:start + batch_size]), start):
+                if image is None:
+                    counts["unreadable"] += 1
+                    continue
+                if pending and (image.shape != pending[0].shape or len(pending) == batch_size):
+                    yield idx, np.stack(pending)
+                    idx, pending = [], []
+                idx.append(i)
+                pending.append(image)
+    if pending:
+        yield idx, np.stack(pending)
+
+
+def check_count(n, flag, unreadable=0):
+    """FID needs a covariance: fewer than 2 images cannot go on; fewer than 2,048, a warning."""
+    skipped = f" ({unreadable} unreadable skipped)" if unreadable else ""
+    if n < 2:
+        fail(f"{flag}: {n} readable image{'s' * (n != 1)}{skipped}; a covariance needs at least 2")
+    if n < FEW_IMAGES:
+        print(f"warning: {flag}: {n} images{skipped}; FID is biased upwards under {FEW_IMAGES:,} "
+              "(the papers use 30,000)", file=sys.stderr)
+
+
+def read_stats(path, flag, dims):
+    """An .npz of statistics (this command's --save_stats, or pytorch-fid's: mu, sigma) of
+    `dims`-d features -> dict(mu, sigma, n); n is None when the file does not say."""
+    try:
+        with np.load(path) as f:
+            mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+            n = int(f["n"]) if "n" in f.files else None
+    except (OSError, ValueError, KeyError) as e:
+        fail(f"{flag} {path}: not an .npz of FID statistics with mu and sigma ({type(e).__name__}: {e})")
+    if mu.shape != (dims,) or sigma.shape != (dims, dims):
+        fail(f"{flag} {path}: mu {mu.shape} and sigma {sigma.shape} are not statistics of {dims}-d "
+             "Inception features (--dims)")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        fail(f"{flag} {path}: its statistics are not finite")
+    if n is not None:
+        check_count(n, f"{flag} {path}")
+    return {"mu": mu, "sigma": sigma, "n": n, "unreadable": 0}
+
+
+def inception_stats(extractor, files, flag, crop=None):
+    """Image files -> dict(mu, sigma, n, unreadable) of their pool3 features."""
+    counts, features = {"unreadable": 0}, []
+    with tqdm(total=len(files), desc=f"Inception {flag}", unit="img", dynamic_ncols=True) as bar:
+        for idx, images in batches(files, extractor.batch_size, lambda f: read_image(f, crop), counts):
+            features.append(extractor(images))
+            bar.update(len(idx))
+    n = sum(len(f) for f in features)
+    check_count(n, flag, counts["unreadable"])
+    mu, sigma = fid.statistics(np.concatenate(features))
+    return {"mu": mu, "sigma": sigma, "n": n, "unreadable": counts["unreadable"]}
+
+
+def fid_of(real, fake):
+    try:
+        return fid.frechet_distance(real["mu"], real["sigma"], fake["mu"], fake["sigma"])
+    except ValueError as e:
+        fail(f"FID: {e}")
+
+
+def load_extractor(args):
+    try:
+        params = fid.load_inception(args.inception)
+    except ValueError as e:
+        fail(str(e))
+    return fid.Extractor(params, args.feature_batch, args.dims)
+
+
+def sampling_settings(args, captions):
+    """What decides a generated set: a resumed --outdir must have been sampled with the same."""
+    keys = ("checkpoint", "superres", "seed", "steps", "sr_steps", "guidance", "temperature", "sr_guidance",
+            "sr_temperature", "choice_temperature", "negative")
+    settings = {k: getattr(args, k) for k in keys}
+    settings["checkpoint"] = os.path.abspath(settings["checkpoint"])
+    settings["captions"] = hashlib.sha256("\n".join(c for _, c in captions).encode()).hexdigest()[:16]
+    return settings
+
+
+def generate_set(args, base, sr, captions, outdir):
+    """Samples caption i to OUTDIR/{i:05d}.png with sample.py's pipeline, --batch_size at a
+    time, and returns the paths. Resumes: a batch whose images are all there is skipped, and
+    re-sampling a partly written batch redraws the same images (every draw is keyed by the
+    caption's index, muse.example_keys). OUTDIR/sampling.json holds the settings, so a run
+    at other flags cannot silently mix into a folder."""
+    os.makedirs(outdir, exist_ok=True)
+    settings, record = sampling_settings(args, captions), os.path.join(outdir, "sampling.json")
+    if os.path.exists(record):
+        with open(record) as f:
+            old = json.load(f)
+        changed = [k for k in settings if old.get(k) != settings[k]]
+        if changed:
+            fail(f"--outdir {outdir} holds samples made at other settings ({', '.join(changed)} differ); "
+                 "pass a new --outdir or the same flags and captions")
+    else:
+        with open(record, "w") as f:
+            json.dump(settings, f)
+    prompts = [c for _, c in captions]
+    paths = [os.path.join(outdir, f"{i:05d}.png") for i in range(len(prompts))]
+    bs = args.batch_size
+    todo = [s for s in range(0, len(prompts), bs) if not all(map(os.path.exists, paths[s:s + bs]))]
+    done = len(prompts) - sum(len(paths[s:s + bs]) for s in todo)
+    with tqdm(total=len(prompts), initial=done, desc=f"sampling {outdir}", unit="img", dynamic_ncols=True) as bar:
+        for start in todo:
+            draw = lambda chunk, first: sample.run(args, base, sr, chunk, args.seed, start + first)[0]
+            for path, image in zip(paths[start:], sample.in_batches(args, prompts[start:start + bs], draw)):
+                if not os.path.exists(path):
+                    # written under a temporary name: a run killed mid-write leaves no half PNG
+                    Image.fromarray(image).save(path + ".tmp.png")
+                    os.replace(path + ".tmp.png", path)
+                bar.update(1)
+    return paths
+
+
+def clip_score_of(model, files, captions, batch_size):
+    """Image files and their captions -> dict(clip_score, n, unreadable): torchmetrics' score."""
+    counts, scores = {"unreadable": 0}, []
+    read = lambda path: _clip_pixels(model, path)
+    with tqdm(total=len(files), desc="CLIP score", unit="img", dynamic_ncols=True) as bar:
+        for idx, pixels in batches(files, batch_size, read, counts):
+            B = len(idx)
+            # padded to one shape: one compiled program per tower
+            pad = lambda x: np.concatenate([x, np.repeat(x[-1:], batch_size - B, 0)])
+            image = model.image_features(pad(pixels))[:B]
+            text = model.text_features([captions[i] for i in idx] + [captions[idx[-1]]] * (batch_size - B))[:B]
+            scores.append(clip.clip_score(image, text))
+            bar.update(B)
+    if not scores:
+        fail(f"no readable image to score ({counts['unreadable']} unreadable)")
+    return {"clip_score": float(np.concatenate(scores).mean()), "n": sum(map(len, scores)), **counts}
+
+
+def _clip_pixels(model, path):
+    try:
+        with Image.open(path) as img:
+            return model.preprocess(img)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def pair_images(folder, captions):
+    """--images DIR with --captions: a metadata.jsonl pairs by file name, a plain list by
+    sorted order (as generate_set writes them) -> (files, captions)."""
+    if all(name is not None for name, _ in captions):
+        files = [os.path.join(folder, name) for name, _ in captions]
+        missing = [f for f in files if not os.path.exists(f)]
+        if missing:
+            fail(f"--images {folder}: {len(missing)} of the captions' files are missing (first: {missing[0]})")
+        return files, [c for _, c in captions]
+    files = list_images(folder, "--images")
+    if len(files) != len(captions):
+        fail(f"--images {folder} holds {len(files)} images but --captions {len(captions)} captions "
+             "(a plain list pairs by sorted order; pass --num or a metadata.jsonl)")
+    return files, [c for _, c in captions]
+
+
+def draw_sweep(rows, path):
+    """The paper's Fig. 8 trade-off: FID (y) against CLIP score (x), one point per guidance
+    scale, joined in order, drawn with PIL (no plotting library for one chart)."""
+    from PIL import ImageDraw
+    W, H, m = 640, 480, 70
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    xs, ys = [r["clip_score"] for r in rows], [r["fid"] for r in rows]
+    span = lambda v: (min(v) - 0.05 * (max(v) - min(v) or 1), max(v) + 0.05 * (max(v) - min(v) or 1))
+    (x0, x1), (y0, y1) = span(xs), span(ys)
+    px = lambda x: m + (x - x0) / (x1 - x0) * (W - 2 * m)
+    py = lambda y: H - m - (y - y0) / (y1 - y0) * (H - 2 * m)
+    d.rectangle([m, m, W - m, H - m], outline="black")
+    for k in range(5):                         # ticks: five values on each axis
+        tx, ty = x0 + k * (x1 - x0) / 4, y0 + k * (y1 - y0) / 4
+        d.text((px(tx) - 12, H - m + 6), f"{tx:.2f}", fill="black")
+        d.text((8, py(ty) - 6), f"{ty:.2f}", fill="black")
+    d.text((W // 2 - 40, H - 30), "CLIP score", fill="black")
+    d.text((8, m - 30), "FID", fill="black")
+    points = [(px(x), py(y)) for x, y in zip(xs, ys)]
+    d.line(points, fill=(40, 70, 220), width=2)
+    for (x, y), r in zip(points, rows):
+        d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=(220, 40, 40))
+        d.text((x + 6, y - 14), f"guidance {r['guidance']:g}", fill="black")
+    img.save(path)
+
+
+def fid_command(args):
+    """`evaluate.py fid`: FID of --fake (a folder, an .npz, or sampled from --captions) or of
+    --vqgan's reconstructions against --real."""
+    # what can be checked is checked before a network loads: captions, folders, statistics
+    captions = read_captions(args.captions, args.num) if args.captions else None
+    stats_or_files = lambda spec, flag: read_stats(spec, flag, args.dims) if spec.endswith(".npz") \
+        else list_images(spec, flag)
+    real = stats_or_files(args.real, "--real")
+    fake = stats_or_files(args.fake, "--fake") if args.fake else None
+    extractor = load_extractor(args)
+    if args.vqgan:                              # rFID: the real images against their reconstructions
+        return reconstruction_fid(args, extractor, real)
+    if isinstance(real, list):
+        real = inception_stats(extractor, real, "--real", args.crop)
+        if args.save_stats:
+            np.savez(args.save_stats, mu=real["mu"], sigma=real["sigma"], n=real["n"])
+    if captions:
+        base, sr = checkpoint.load_pipeline(args.checkpoint, args.superres)
+        fake = generate_set(args, base, sr, captions, args.outdir)
+    if fake is None:                            # --save_stats alone
+        return {"saved": args.save_stats, "n_real": real["n"], "unreadable_real": real["unreadable"]}
+    if isinstance(fake, list):
+        fake = inception_stats(extractor, fake, "--fake")
+    return {"fid": fid_of(real, fake), "n_real": real["n"], "n_fake": fake["n"],
+            "unreadable_real": real["unreadable"], "unreadable_fake": fake["unreadable"]}
+
+
+def reconstruction_fid(args, extractor, files):
+    """rFID: each real image, centre-cropped to the tokenizer's resolution, against its own
+    reconstruction (encode -> nearest codes -> decode), both through Inception."""
+    tok = checkpoint.read_tokenizer(args.vqgan, "--vqgan", "rFID")
+    vq = vqgan.VQGAN(vqgan.VQGANConfig(**dict(tok["config"]["vqgan"], im2col=False)))
+    params, S = tok["params"]["vqgan"], tok["config"]["vqgan"]["resolution"]
+    counts, real, recon = {"unreadable": 0}, [], []
+    with tqdm(total=len(files), desc="rFID", unit="img", dynamic_ncols=True) as bar:
+        for idx, images in batches(files, extractor.batch_size, lambda f: read_image(f, S), counts):
+            ids = np.asarray(vqgan.encode_jit(vq, params, vqgan.from_uint8(images)))
+            real.append(extractor(images))
+            recon.append(extractor(vqgan.decode_ids(vq, params, ids.reshape(len(ids), -1))))
+            bar.update(len(idx))
+    n = sum(map(len, real))
+    check_count(n, "--real", counts["unreadable"])
+    stats = [dict(zip(("mu", "sigma"), fid.statistics(np.concatenate(f)))) for f in (real, recon)]
+    return {"rfid": fid_of(*stats), "n": n, "resolution": S, "unreadable_real": counts["unreadable"]}
+
+
+def clip_command(args):
+    """`evaluate.py clip`: the CLIP score of --images (or of samples of --captions) against their captions."""
+    captions = read_captions(args.captions, args.num)
+    files = pair_images(args.images, captions)[0] if args.images else None
+    model = load_clip_model(args)
+    if files is None:
+        base, sr = checkpoint.load_pipeline(args.checkpoint, args.superres)
+        files = generate_set(args, base, sr, captions, args.outdir)
+    return clip_score_of(model, files, [c for _, c in captions], args.feature_batch)
+
+
+def load_clip_model(args):
+    try:
+        return clip.load_clip(args.clip)
+    except ValueError as e:
+        fail(str(e))
+
+
+def sweep_command(args):
+    """`evaluate.py sweep`: FID and CLIP score at each --guidance, one JSON line each, and the
+    FID-CLIP curve as OUTDIR/sweep.png."""
+    captions = read_captions(args.captions, args.num)
+    real = read_stats(args.real, "--real", args.dims) if args.real.endswith(".npz") else list_images(args.real, "--real")
+    extractor, model = load_extractor(args), load_clip_model(args)
+    if isinstance(real, list):
+        real = inception_stats(extractor, real, "--real", args.crop)
+    base, sr = checkpoint.load_pipeline(args.checkpoint, args.superres)
+    rows = []
+    for scale in args.guidances:
+        args.guidance = scale
+        files = generate_set(args, base, sr, captions, os.path.join(args.outdir, f"guidance_{scale:g}"))
+        fake = inception_stats(extractor, files, f"guidance {scale:g}")
+        score = clip_score_of(model, files, [c for _, c in captions], args.feature_batch)
+        rows.append({"guidance": scale, "fid": fid_of(real, fake), "clip_score": score["clip_score"],
+                     "n": fake["n"], "n_real": real["n"]})
+        print(json.dumps(rows[-1]), flush=True)
+    draw_sweep(rows, os.path.join(args.outdir, "sweep.png"))
+    return None
+
+
+# -----------------------------------------------------------------------------
 # The command line
 # -----------------------------------------------------------------------------
+
+def _metric_flags(s, inception=False, clip_model=False, generate=True):
+    """The flags the metric subcommands share; `generate`: sampling from --checkpoint too."""
+    if inception:
+        s.add_argument("--inception", required=True,
+                       help="pytorch-fid's Inception weights converted to .safetensors (README, Metrics)")
+        s.add_argument("--dims", type=int, default=fid.FEATURES, choices=sorted(fid.BLOCKS),
+                       help="feature width (pytorch-fid's --dims); FID proper is 2048")
+        s.add_argument("--crop", type=int, default=None,
+                       help="centre-crop and resize --real images to this side first (bicubic); COCO: 256")
+    if clip_model:
+        s.add_argument("--clip", required=True, help="a Hugging Face CLIP folder (e.g. clip-vit-base-patch32/)")
+    s.add_argument("--feature_batch", type=int, default=50, help="images per Inception / CLIP forward pass")
+    if generate:
+        s.add_argument("--captions", default=None, help="one caption a line, or a metadata.jsonl; sampled from "
+                       "--checkpoint into --outdir, unless the images are given (clip --images)")
+        s.add_argument("--num", type=int, default=None, help="use the first N captions (None: all of them)")
+        s.add_argument("--outdir", default=None, help="where samples are written (and resumed from)")
+        sample.add_sampling_flags(s)
+        s.set_defaults(edit=None, init=None, mask=None, outpaint=None, lowres_out=None)
+
 
 def parse_args(argv=None):
     p = Parser(prog="evaluate.py", description=__doc__.split("\n\n")[0],
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True, parser_class=Parser)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
     s = sub.add_parser("shapes", help="score a pipeline's samples of the shapes world with the pixel checker",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=fmt)
     s.add_argument("--num", type=int, default=200, help="prompts, rounded up to a multiple of the five templates")
     s.add_argument("--outdir", default=None, help="also write the generated images and results.jsonl here")
     sample.add_sampling_flags(s)
     # the pipeline runs in sample.run's plain text-to-image mode
     s.set_defaults(edit=None, init=None, mask=None, outpaint=None, lowres_out=None)
+    f = sub.add_parser("fid", help="FID against --real of --fake, of samples of --captions, or of --vqgan's "
+                       "reconstructions (rFID)", formatter_class=fmt)
+    f.add_argument("--real", required=True, help="a folder of images, or an .npz of their statistics")
+    f.add_argument("--fake", default=None, help="a folder of images, or an .npz of their statistics")
+    f.add_argument("--save_stats", default=None, help="store --real's statistics (mu, sigma, n) in this .npz")
+    f.add_argument("--vqgan", default=None, help="rFID: a trained tokenizer; --real against its reconstructions")
+    _metric_flags(f, inception=True)
+    c = sub.add_parser("clip", help="CLIP score of --images (or of samples of --captions) with their captions",
+                       formatter_class=fmt)
+    c.add_argument("--images", default=None, help="a folder of images (None: sample --captions into --outdir)")
+    _metric_flags(c, clip_model=True)
+    w = sub.add_parser("sweep", help="FID and CLIP score at each guidance scale, and their trade-off plot",
+                       formatter_class=fmt, conflict_handler="resolve")
+    w.add_argument("--real", required=True, help="a folder of images, or an .npz of their statistics")
+    _metric_flags(w, inception=True, clip_model=True)
+    w.add_argument("--guidance", default="0,1,2,3,5,8", help="guidance scales, comma-separated")
     args = p.parse_args(argv)
-    if args.guidance is None:
-        args.guidance = 3.0
-    if min(args.steps, args.sr_steps, args.num, args.batch_size) < 1:
-        p.error("--steps, --sr_steps, --num and --batch_size must be at least 1")
-    if args.outdir and unwritable(args.outdir):
+    if getattr(args, "outdir", None) and unwritable(args.outdir):
         p.error(f"--outdir: {unwritable(args.outdir)}")
+    if args.what == "shapes":
+        if args.guidance is None:
+            args.guidance = 3.0
+        if min(args.steps, args.sr_steps, args.num, args.batch_size) < 1:
+            p.error("--steps, --sr_steps, --num and --batch_size must be at least 1")
+        return args
+    if args.what == "sweep":
+        try:
+            args.guidances = [float(g) for g in args.guidance.split(",")]
+        except ValueError:
+            p.error(f"--guidance {args.guidance!r}: comma-separated numbers, e.g. 0,1,2,3,5,8")
+        if not args.captions or not args.outdir:
+            p.error("sweep samples --captions into --outdir/guidance_G/: pass both")
+    elif args.guidance is None:
+        args.guidance = 3.0
+    if min(args.steps, args.sr_steps, args.batch_size, args.feature_batch, args.num or 1, getattr(args, "crop", None) or 1) < 1:
+        p.error("--steps, --sr_steps, --batch_size, --feature_batch, --num and --crop must be at least 1")
+    if args.what == "fid":
+        modes = [m for m in ("fake", "captions", "vqgan") if getattr(args, m)]
+        if len(modes) > 1:
+            p.error(f"choose one of --fake, --captions (sampled from --checkpoint) and --vqgan, "
+                    f"not --{' and --'.join(modes)}")
+        if not modes and not args.save_stats:
+            p.error("pass --fake DIR_OR_NPZ, --captions FILE (samples of --checkpoint), --vqgan PATH (rFID) "
+                    "or --save_stats OUT.npz")
+        if args.vqgan and args.real.endswith(".npz"):
+            p.error("--vqgan reconstructs the images themselves: --real must be a folder")
+        if args.save_stats and args.real.endswith(".npz"):
+            p.error("--save_stats stores the statistics of a --real folder; --real is already an .npz")
+    if args.what == "clip" and not args.captions:
+        p.error("clip pairs images with --captions FILE")
+    if args.captions and not args.outdir and not getattr(args, "images", None):
+        p.error("sampling --captions needs --outdir DIR (where the images go, and resume from)")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    base, sr = checkpoint.load_pipeline(args.checkpoint, args.superres)
-    print(json.dumps(evaluate(args, base, sr)))
+    if args.what == "shapes":
+        base, sr = checkpoint.load_pipeline(args.checkpoint, args.superres)
+        print(json.dumps(evaluate(args, base, sr)))
+    elif args.what == "sweep":
+        sweep_command(args)
+    else:
+        print(json.dumps((fid_command if args.what == "fid" else clip_command)(args)))
 
 
 if __name__ == "__main__":

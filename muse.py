@@ -662,6 +662,25 @@ def random_t5(cfg: T5Config = T5Config(), seed: int = 0, max_length: int = 64):
     return TextEncoder(cfg, params, byte_tokenizer(), max_length)
 
 
+def read_safetensors(path, keep=lambda name: True):
+    """A transformers checkpoint folder's tensors that `keep` accepts -> {name: numpy array},
+    from model.safetensors or, for a large checkpoint, the shards its index names."""
+    from safetensors import safe_open
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):                   # large checkpoints are sharded
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        shards = ["model.safetensors"]
+    state = {}
+    for shard in shards:
+        # framework "flax", not "numpy": numpy's safetensors reader cannot hold bfloat16
+        # checkpoints (many hub T5s are stored so); each tensor comes straight back to the host
+        with safe_open(os.path.join(path, shard), framework="flax") as f:
+            state.update({k: np.asarray(f.get_tensor(k)) for k in f.keys() if keep(k)})
+    return state
+
+
 def load_t5(name_or_path: str, max_length: int = 64, dtype: str = "float32"):
     """Load a transformers-format T5 encoder (config.json, model.safetensors, tokenizer files).
 
@@ -675,7 +694,6 @@ def load_t5(name_or_path: str, max_length: int = 64, dtype: str = "float32"):
     holds its float32 copy (19 GB) in device memory. Checkpoints stored in float32, float16
     or bfloat16 all load.
     """
-    from safetensors import safe_open
     from transformers import AutoTokenizer
     path = name_or_path
     if not os.path.isdir(path):
@@ -686,19 +704,7 @@ def load_t5(name_or_path: str, max_length: int = 64, dtype: str = "float32"):
     fields = set(T5Config.__dataclass_fields__)
     hf.setdefault("feed_forward_proj", "relu")  # the original t5-* configs omit it (transformers' default)
     cfg = T5Config(**{k: v for k, v in hf.items() if k in fields}, compute_dtype=dtype)
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):                   # large checkpoints are sharded
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-    else:
-        shards = ["model.safetensors"]
-    state = {}
-    for shard in shards:
-        # framework "flax", not "numpy": numpy's safetensors reader cannot hold bfloat16
-        # checkpoints (many hub T5s are stored so); each tensor comes straight back to the host
-        with safe_open(os.path.join(path, shard), framework="flax") as f:
-            state.update({k: np.asarray(f.get_tensor(k)) for k in f.keys()
-                          if k.startswith("encoder.") or k == "shared.weight"})
+    state = read_safetensors(path, lambda k: k.startswith("encoder.") or k == "shared.weight")
     if "shared.weight" not in state:            # some exports keep only the encoder's tied copy
         state["shared.weight"] = state["encoder.embed_tokens.weight"]
     host = jnp.dtype(dtype).type                # numpy casts to bfloat16 too (ml_dtypes)

@@ -4,7 +4,9 @@
 
 What is checked: the shapes world keeps to its contract; every module's shapes; the
 straight-through gradient; T5 parity with transformers' PyTorch T5EncoderModel (ReLU and
-gated-GELU, with padding; skipped without torch); the masking distribution; the decoding
+gated-GELU, with padding; skipped without torch); Inception-v3 features and the Fréchet
+distance against pytorch-fid, CLIP against transformers' CLIPModel, and evaluate.py's fid,
+clip and sweep commands; the masking distribution; the decoding
 schedule and its invariants (each token revealed once, known tokens kept, counts as
 scheduled); guidance 0 = the conditional model; pmap on 4 devices = 1 device = 2 processes
 of 2 devices (multi-host); checkpoint round trip and exact resume; tiny overfits of both
@@ -17,6 +19,7 @@ import os
 # Four fake CPU devices for the data-parallel tests; must be set before jax is imported.
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 
+import importlib
 import json
 import re
 import shlex
@@ -26,6 +29,7 @@ import socket
 import tempfile
 import subprocess
 import sys
+import types
 from dataclasses import replace
 
 import numpy as np
@@ -38,7 +42,9 @@ from PIL import Image
 
 import bench
 import checkpoint
+import clip
 import evaluate
+import fid
 import muse
 import sample
 import shapes
@@ -1187,7 +1193,7 @@ def test_train_cli_errors(tmp_path, capsys):
 @pytest.mark.parametrize("argv,code,message", [
     (["sample.py", "--steps", "x"], 2, "invalid int value"),
     (["evaluate.py", "shapes", "--num", "0"], 2, "at least 1"),
-    (["evaluate.py", "fid"], 2, "invalid choice: 'fid'"),
+    (["evaluate.py", "fid"], 2, "required: --real, --inception"),
     (["bench.py", "train", "tiny", "--bench_steps", "0"], 2, "at least 1"),
     # no coordinator, and no TPU, SLURM or MPI to find one from
     (["train.py", "base", "--workdir", "w", "--multihost", "--num_processes", "2", "--process_id", "0"], 1,
@@ -2163,3 +2169,370 @@ def test_every_command_in_the_readme_parses():
             {"train": train, "sample": sample, "evaluate": evaluate, "bench": bench}[module].parse_args(argv)
         except SystemExit as e:
             pytest.fail(f"README: `python {module}.py {shlex.join(argv)}` exits {e.code}")
+
+
+# =============================================================================
+# evaluate.py: FID and CLIP score
+# =============================================================================
+
+def _pytorch_fid():
+    """pytorch-fid's modules (the FID reference), or a skip.
+
+    PyPI's torchvision is its CUDA build; beside CPU torch its C ops do not load, its import
+    fails in _meta_registrations (fake kernels for those ops), and on the import path it
+    breaks transformers' torch models. So .ci/run installs torchvision and pytorch-fid into
+    .ci/deps, outside site-packages, and they are imported here only, without that module:
+    the Inception classes FID needs are pure Python.
+    """
+    _torch()
+    deps = os.path.join(HERE, ".ci", "deps")
+    if os.path.isdir(deps) and deps not in sys.path:
+        sys.path.insert(0, deps)
+    try:
+        importlib.import_module("torchvision")
+    except RuntimeError:
+        for name in [n for n in sys.modules if n.startswith("torchvision")]:
+            del sys.modules[name]
+        sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
+    except ImportError:
+        pytest.skip("torchvision is not installed (.ci/run installs it into .ci/deps)")
+    return pytest.importorskip("pytorch_fid.inception"), pytest.importorskip("pytorch_fid.fid_score")
+
+
+@pytest.fixture(scope="module")
+def inception_file(tmp_path_factory):
+    """Random weights of the FID network in the layout of pytorch-fid's file, as README's
+    conversion one-liner writes it (conv weights (out, in, kh, kw); no torch needed): He-scaled
+    convs, so activations neither vanish nor blow up, and BatchNorm statistics away from 0 and 1."""
+    import safetensors.numpy
+    rng = np.random.default_rng(0)
+    state = {}
+    for name, shape in fid.expected_shapes().items():
+        *path, leaf = name.split("/")
+        if leaf == "kernel":                    # (kh, kw, in, out)
+            w = rng.normal(0, np.sqrt(2 / np.prod(shape[:3])), shape).transpose(3, 2, 0, 1)
+            state[".".join(path + ["weight"])] = w
+        else:
+            low, high = (0.5, 1.5) if leaf in ("weight", "running_var") else (-0.1, 0.1)
+            state[".".join(path + [leaf])] = rng.uniform(low, high, shape)
+    path = str(tmp_path_factory.mktemp("inception") / "pt_inception.safetensors")
+    safetensors.numpy.save_file({k: np.ascontiguousarray(v, np.float32) for k, v in state.items()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def fid_reference(inception_file):
+    """pytorch-fid's InceptionV3 on the weights of `inception_file`: its loader, which would
+    download the real file, returns them (with the classifier and BatchNorm counters that its
+    strict load also wants from the network's own state dict)."""
+    torch = _torch()
+    pt, _ = _pytorch_fid()
+    import safetensors.torch
+    built = []
+    real = pt._inception_v3
+    mp = pytest.MonkeyPatch()
+    mp.setattr(pt, "_inception_v3", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    mp.setattr(pt, "load_state_dict_from_url",
+               lambda *a, **k: {**built[-1].state_dict(), **safetensors.torch.load_file(inception_file)})
+    torch.manual_seed(0)
+    model = pt.InceptionV3().eval()
+    mp.undo()
+    return model, inception_file
+
+
+def _pytorch_fid_features(model, images):
+    """uint8 (B, H, W, 3) -> pytorch-fid's pool3 features (B, 2048), from [0, 1] tensors as its ToTensor makes."""
+    torch = _torch()
+    with torch.no_grad():
+        return model(torch.tensor(images).permute(0, 3, 1, 2).float() / 255)[0][:, :, 0, 0].numpy()
+
+
+def test_inception_matches_pytorch_fid(fid_reference):
+    """The Flax network on the converted weights gives pytorch-fid's pool3 features (75 x 90
+    px, upsampled to 299), on the 4 test devices (pmap); 3 images are padded to 4, then cut."""
+    model, path = fid_reference
+    images = np.random.default_rng(0).integers(0, 256, (3, 75, 90, 3), dtype=np.uint8)
+    extractor = fid.Extractor(fid.load_inception(path), batch_size=3)
+    assert extractor.n == 4 and extractor.batch_size == 4
+    want, got = _pytorch_fid_features(model, images), extractor(images)
+    assert got.shape == (3, 2048)
+    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=1e-4)
+
+
+def test_inception_blocks_match_pytorch_fid_dims(fid_reference, monkeypatch):
+    """--dims 64: the first block's output averaged over space, as pytorch-fid's
+    get_activations; on one device (jit), from 320 x 300 px, so the resize to 299 shrinks
+    without antialiasing as F.interpolate does (the full network is the test above's)."""
+    torch = _torch()
+    model, path = fid_reference
+    images = np.random.default_rng(1).integers(0, 256, (2, 320, 300, 3), dtype=np.uint8)
+    with torch.no_grad():
+        x = torch.nn.functional.interpolate(torch.tensor(images).permute(0, 3, 1, 2).float() / 255, size=(299, 299),
+                                            mode="bilinear", align_corners=False)
+        want = model.blocks[0](2 * x - 1).mean((2, 3)).numpy()
+    monkeypatch.setattr(jax, "local_device_count", lambda: 1)
+    extractor = fid.Extractor(fid.load_inception(path), 2, dims=64)
+    assert extractor.n == 1
+    np.testing.assert_allclose(extractor(images), want, atol=1e-5 * np.abs(want).max(), rtol=1e-4)
+
+
+def test_frechet_distance_matches_pytorch_fid(capsys):
+    """fid.frechet_distance = pytorch-fid's calculate_frechet_distance: full-rank statistics;
+    rank-deficient ones (fewer images than features: sqrtm is complex, and the small
+    imaginary part is dropped); a product sqrtm cannot take (a nilpotent matrix, not a
+    covariance: the eps on the diagonals); and an imaginary part too large to drop (an error)."""
+    _, ref = _pytorch_fid()
+    rng = np.random.default_rng(0)
+    cases = []
+    for n, F in ((200, 16), (6, 32)):
+        a, b = rng.standard_normal((n, F)), rng.standard_normal((n, F)) * 1.5 + 0.3
+        cases.append((*fid.statistics(a), *fid.statistics(b)))
+    from scipy import linalg
+    assert np.iscomplexobj(linalg.sqrtm(cases[1][1] @ cases[1][3]))     # the rank-deficient case is complex
+    cases.append((np.zeros(2), np.array([[0.0, 1.0], [0.0, 0.0]]), np.ones(2), np.eye(2)))
+    for mu1, s1, mu2, s2 in cases:
+        np.testing.assert_allclose(fid.frechet_distance(mu1, s1, mu2, s2),
+                                   ref.calculate_frechet_distance(mu1, s1, mu2, s2), rtol=1e-9, atol=1e-9)
+    assert "adding 1e-06 to both diagonals" in capsys.readouterr().err
+    bad = (np.zeros(2), np.array([[1.0, 0.0], [0.0, -4.0]]), np.zeros(2), np.eye(2))
+    for f in (fid.frechet_distance, ref.calculate_frechet_distance):
+        with pytest.raises(ValueError, match="[Ii]maginary"):
+            f(*bad)
+
+
+def test_fid_maths_on_features():
+    """FID(x, x) = 0 up to rounding, FID grows with noise added to one set, and the
+    statistics are pytorch-fid's (float64 mean, np.cov with n - 1)."""
+    x = np.random.default_rng(0).standard_normal((500, 16)).astype(np.float32)
+    mu, sigma = fid.statistics(x)
+    np.testing.assert_allclose(sigma, np.cov(x.astype(np.float64), rowvar=False))
+    assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-8
+    noise = np.random.default_rng(1).standard_normal(x.shape)
+    fids = [fid.frechet_distance(mu, sigma, *fid.statistics(x + s * noise)) for s in (0.1, 0.3, 1.0)]
+    assert 0 < fids[0] < fids[1] < fids[2], fids
+
+
+def _write_images(folder, images):
+    os.makedirs(folder, exist_ok=True)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(os.path.join(folder, f"{i:03d}.png"))
+    return str(folder)
+
+
+def _eval_json(argv, capsys):
+    evaluate.main(argv)
+    out = capsys.readouterr()
+    return json.loads(out.out.strip().splitlines()[-1]), out.err
+
+
+def test_fid_command_from_folders_and_npz(inception_file, tmp_path, capsys):
+    """evaluate.py fid end to end (64-d features keep sqrtm cheap): the FID of a folder with
+    itself is 0 and grows with noise; --save_stats gives the same number from the .npz; an
+    unreadable file is skipped and counted; fewer than 2,048 images warn."""
+    rng = np.random.default_rng(0)
+    real = rng.integers(0, 256, (6, 48, 48, 3), dtype=np.uint8)
+    real_dir = _write_images(tmp_path / "real", real)
+    flags = ["--inception", inception_file, "--dims", "64", "--feature_batch", "4"]
+    same, err = _eval_json(["fid", *flags, "--real", real_dir, "--fake", real_dir], capsys)
+    assert abs(same["fid"]) < 1e-6 and same["n_real"] == same["n_fake"] == 6 and "warning" in err
+    fids = []
+    for s in (10, 40):
+        noisy = np.clip(real + rng.normal(0, s, real.shape), 0, 255).astype(np.uint8)
+        noisy_dir = _write_images(tmp_path / f"noisy{s}", noisy)
+        fids.append(_eval_json(["fid", *flags, "--real", real_dir, "--fake", noisy_dir], capsys)[0]["fid"])
+    assert 0 < fids[0] < fids[1], fids
+    stats = str(tmp_path / "real.npz")
+    saved, _ = _eval_json(["fid", *flags, "--real", real_dir, "--save_stats", stats], capsys)
+    assert saved["n_real"] == 6 and int(np.load(stats)["n"]) == 6
+    (tmp_path / "noisy40" / "broken.png").write_bytes(b"not a png")
+    again, _ = _eval_json(["fid", *flags, "--real", stats, "--fake", noisy_dir], capsys)
+    np.testing.assert_allclose(again["fid"], fids[1], rtol=1e-9)
+    assert again["unreadable_fake"] == 1 and again["n_fake"] == 6
+
+
+def test_fid_command_matches_pytorch_fid(fid_reference, tmp_path, capsys):
+    """The FID evaluate.py prints for two folders = pytorch-fid's Fréchet distance of its own
+    network's features of the same PNGs (64-d: the first block, as its get_activations pools it)."""
+    torch = _torch()
+    _, ref = _pytorch_fid()
+    model, path = fid_reference
+    rng = np.random.default_rng(2)
+    sets = [rng.integers(0, 256, (5, 40, 40, 3), dtype=np.uint8) for _ in range(2)]
+    dirs = [_write_images(tmp_path / name, x) for name, x in zip(("a", "b"), sets)]
+    out, _ = _eval_json(["fid", "--inception", path, "--dims", "64", "--real", dirs[0], "--fake", dirs[1]], capsys)
+    with torch.no_grad():
+        feats = [model.blocks[0](2 * torch.nn.functional.interpolate(
+            torch.tensor(x).permute(0, 3, 1, 2).float() / 255, size=(299, 299), mode="bilinear") - 1).mean((2, 3))
+            .numpy().astype(np.float64) for x in sets]
+    stats = [(f.mean(0), np.cov(f, rowvar=False)) for f in feats]
+    np.testing.assert_allclose(out["fid"], ref.calculate_frechet_distance(*stats[0], *stats[1]), rtol=1e-4)
+
+
+def test_rfid_compares_images_with_their_reconstructions(inception_file, tiny_vqgan, tmp_path, capsys):
+    """evaluate.py fid --vqgan: the real images, cropped to the tokenizer's side, against their reconstructions."""
+    real = np.random.default_rng(0).integers(0, 256, (4, 40, 40, 3), dtype=np.uint8)
+    out, _ = _eval_json(["fid", "--inception", inception_file, "--dims", "64", "--real", _write_images(tmp_path / "r", real),
+                         "--vqgan", str(tiny_vqgan)], capsys)
+    S = checkpoint.read_checkpoint(str(tiny_vqgan))["config"]["vqgan"]["resolution"]
+    assert out["rfid"] > 0 and out["n"] == 4 and out["resolution"] == S
+
+
+def _tiny_clip(folder):
+    """A tiny random transformers CLIPModel saved as a Hugging Face folder, with a byte-level
+    BPE tokenizer (every byte, a merge or two, CLIP's start/end tokens) -> the model."""
+    torch = _torch()
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+    chars = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = chars + [c + "</w>" for c in chars] + ["re", "red</w>", "<|startoftext|>", "<|endoftext|>"]
+    CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=[("r", "e"), ("re", "d</w>")]).save_pretrained(folder)
+    torch.manual_seed(0)
+    V = len(vocab)
+    cfg = CLIPConfig(text_config=dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, max_position_embeddings=16, eos_token_id=V - 1,
+                                      bos_token_id=V - 2, pad_token_id=V - 1),
+                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                        image_size=32, patch_size=8), projection_dim=24)
+    model = CLIPModel(cfg).eval()
+    model.save_pretrained(folder)
+    json.dump({"size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32},
+               "image_mean": list(clip.OPENAI_MEAN), "image_std": list(clip.OPENAI_STD)},
+              open(os.path.join(folder, "preprocessor_config.json"), "w"))
+    return model
+
+
+def test_clip_matches_transformers(tmp_path):
+    """load_clip on a tiny random CLIPModel folder: CLIPImageProcessor's pixels (images of
+    other sizes and aspect ratios), get_image_features, get_text_features (captions of
+    different lengths, the empty one) and torchmetrics' score formula on them; on the 4 test
+    devices (pmap: 3 rows padded to 4, then cut)."""
+    torch = _torch()
+    hf = _tiny_clip(tmp_path)
+    model = clip.load_clip(str(tmp_path))
+    assert model.n == 4
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((40, 50), (64, 33), (32, 32))]
+    captions = ["a red circle", "red red re", ""]
+    pixels = np.stack([model.preprocess(im) for im in images])                       # (3, 32, 32, 3)
+    try:
+        from transformers import CLIPImageProcessorPil as Processor
+    except ImportError:
+        Processor = None
+    if Processor is not None:
+        want = Processor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})(
+            images=images, return_tensors="np")["pixel_values"]
+        np.testing.assert_allclose(pixels.transpose(0, 3, 1, 2), want, atol=1e-5)
+    tokens = model.tokenizer(captions, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ref_image = hf.get_image_features(pixel_values=torch.tensor(pixels.transpose(0, 3, 1, 2)))
+        ref_text = hf.get_text_features(**tokens)
+    ref_image, ref_text = (getattr(r, "pooler_output", r).numpy() for r in (ref_image, ref_text))
+    image, text = model.image_features(pixels), model.text_features(captions)
+    assert image.shape == text.shape == (3, 24)
+    np.testing.assert_allclose(image, ref_image, atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(text, ref_text, atol=1e-5, rtol=1e-4)
+    # torchmetrics' CLIPScore: 100 * cosine, clamped at 0 (some pairs of a random model are negative)
+    cos = torch.nn.functional.cosine_similarity(torch.tensor(ref_image), torch.tensor(ref_text)).numpy()
+    np.testing.assert_allclose(clip.clip_score(image, text), 100 * np.maximum(cos, 0), atol=1e-3)
+
+
+def test_clip_config_defaults_are_transformers():
+    """A config.json may leave out values equal to transformers' defaults, which differ
+    between the towers (vision 768 wide, text 512): an empty one reads as CLIPConfig()."""
+    from transformers import CLIPConfig
+    ref, cfg = CLIPConfig(), clip.config_from_hf({"text_config": {}, "vision_config": {}})
+    for ours, theirs in ((cfg.text, ref.text_config), (cfg.vision, ref.vision_config)):
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "layer_norm_eps", "hidden_act"):
+            assert getattr(ours, name) == getattr(theirs, name), name
+    assert (cfg.text.vocab_size, cfg.text.max_position_embeddings, cfg.text.eos_token_id) == (
+        ref.text_config.vocab_size, ref.text_config.max_position_embeddings, ref.text_config.eos_token_id)
+    assert (cfg.vision.image_size, cfg.vision.patch_size, cfg.projection_dim) == (
+        ref.vision_config.image_size, ref.vision_config.patch_size, ref.projection_dim)
+
+
+def test_clip_command_samples_resumes_and_scores(tmp_path, tiny_base, capsys):
+    """evaluate.py clip from a checkpoint: samples the captions into --outdir, a deleted image
+    is redrawn identically on resume, other flags on the same folder are refused, and
+    `clip --images` on the folder scores the same."""
+    _tiny_clip(tmp_path / "clip")
+    (tmp_path / "captions.txt").write_text("a red circle\na blue square\ntwo green triangles\n\n")
+    outdir = tmp_path / "samples"
+    flags = ["clip", "--clip", str(tmp_path / "clip"), "--captions", str(tmp_path / "captions.txt"),
+             "--feature_batch", "2"]
+    sampling = ["--checkpoint", str(tiny_base), "--outdir", str(outdir), "--steps", "2", "--batch_size", "2"]
+    first, _ = _eval_json([*flags, *sampling], capsys)
+    assert first["n"] == 3 and 0 <= first["clip_score"] <= 100
+    assert sorted(os.listdir(outdir)) == ["00000.png", "00001.png", "00002.png", "sampling.json"]
+    kept = np.asarray(Image.open(outdir / "00002.png"))
+    os.remove(outdir / "00002.png")
+    again, _ = _eval_json([*flags, *sampling], capsys)
+    np.testing.assert_array_equal(np.asarray(Image.open(outdir / "00002.png")), kept)
+    assert again == first
+    scored, _ = _eval_json([*flags, "--images", str(outdir)], capsys)
+    np.testing.assert_allclose(scored["clip_score"], first["clip_score"], rtol=1e-6)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([*flags, *sampling, "--guidance", "5"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1 and "guidance differ" in err[0], err
+
+
+def test_sweep_writes_a_line_per_scale_and_the_plot(inception_file, tmp_path, tiny_base, capsys):
+    """evaluate.py sweep: a JSON line per guidance scale (FID, CLIP score) and the FID-CLIP plot."""
+    path = inception_file
+    _tiny_clip(tmp_path / "clip")
+    (tmp_path / "captions.txt").write_text("a red circle\na blue square\n")
+    real = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    evaluate.main(["sweep", "--checkpoint", str(tiny_base), "--inception", path, "--dims", "64",
+                   "--clip", str(tmp_path / "clip"), "--real", _write_images(tmp_path / "real", real),
+                   "--captions", str(tmp_path / "captions.txt"), "--outdir", str(tmp_path / "sweep"),
+                   "--guidance", "0,4", "--steps", "2", "--batch_size", "2", "--feature_batch", "2"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [r["guidance"] for r in rows] == [0, 4] and all(r["fid"] > 0 and r["n"] == 2 for r in rows)
+    assert Image.open(tmp_path / "sweep" / "sweep.png").size == (640, 480)
+
+
+def test_metric_cli_errors(inception_file, tmp_path, capsys):
+    """Bad input to fid / clip / sweep: one line, a non-zero exit, before any network loads where it can."""
+    import safetensors.numpy
+    path = inception_file
+    real = _write_images(tmp_path / "real", np.zeros((3, 8, 8, 3), np.uint8))
+    one = _write_images(tmp_path / "one", np.zeros((1, 8, 8, 3), np.uint8))
+    os.makedirs(tmp_path / "empty")
+    other = str(tmp_path / "other.safetensors")
+    safetensors.numpy.save_file({"conv1.weight": np.zeros((64, 3, 7, 7), np.float32)}, other)
+    np.savez(tmp_path / "short.npz", mu=np.zeros(10), sigma=np.eye(10))
+    (tmp_path / "gaps.txt").write_text("a red circle\n\na blue square\n")
+    (tmp_path / "three.txt").write_text("a red circle\na blue square\ntwo green triangles\n")
+    fid_flags = ["fid", "--inception", path, "--dims", "64"]
+    cases = [
+        ([*fid_flags, "--real", str(tmp_path / "empty"), "--fake", real], "no images"),
+        ([*fid_flags, "--real", real, "--fake", one], "a covariance needs at least 2"),
+        (["fid", "--inception", other, "--real", real, "--fake", real], "is not pytorch-fid's Inception-v3"),
+        (["fid", "--inception", str(tmp_path / "nope.safetensors"), "--real", real, "--fake", real], "not a readable"),
+        (["fid", "--inception", str(tmp_path / "pt_inception.pth"), "--real", real, "--fake", real],
+         "convert it once to .safetensors"),
+        ([*fid_flags, "--real", str(tmp_path / "short.npz"), "--fake", real], "not statistics of 64-d"),
+        ([*fid_flags, "--real", real, "--captions", str(tmp_path / "gaps.txt"), "--outdir", str(tmp_path / "o")],
+         "line 2 is empty"),
+        ([*fid_flags, "--real", real, "--fake", real, "--vqgan", "v"], "choose one of"),
+        ([*fid_flags, "--real", real], "pass --fake"),
+        (["clip", "--clip", str(tmp_path), "--images", real, "--captions", str(tmp_path / "gaps.txt")],
+         "line 2 is empty"),
+        (["sweep", "--inception", path, "--clip", "c", "--real", real, "--captions", "c.txt", "--outdir", "o",
+          "--guidance", "1,x"], "comma-separated numbers"),
+        (["clip", "--clip", str(tmp_path / "empty"), "--images", real, "--captions", str(tmp_path / "three.txt")],
+         "not a Hugging Face CLIP folder"),
+        (["clip", "--clip", str(tmp_path / "empty"), "--images", real, "--captions", str(tmp_path / "gaps.txt"),
+          "--num", "2"], "line 2 is empty"),
+        (["clip", "--clip", str(tmp_path / "empty"), "--images", real, "--captions", str(tmp_path / "three.txt"),
+          "--num", "2"], "holds 3 images but --captions 2 captions"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(argv)
+        assert e.value.code in (1, 2)
+        # progress bars and warnings may come first (the 1-image set is found by reading it)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: ") and message in err[-1], (argv, err)
+        assert not any("Traceback" in line for line in err)
