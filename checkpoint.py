@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import jax
@@ -114,11 +114,20 @@ def export(workdir, out):
 
 
 def read_tokenizer(path, flag, why):
-    """A trained VQGAN given by `flag` (--vqgan, --vqgan_hr): a vqgan run, or a tokenizer held
+    """A trained VQGAN given by `flag` (--vqgan, --vqgan_hr): a vqgan run, a tokenizer held
     inside a base or superres run (so `--vqgan checkpoints/demo/base --vqgan_hr
-    checkpoints/demo/superres` trains on the shipped demo's tokenizers). -> a vqgan checkpoint."""
+    checkpoints/demo/superres` trains on the shipped demo's tokenizers), or a pretrained one
+    in diffusers' VQModel format (vqgan.load_diffusers). -> a vqgan checkpoint."""
     if not path:
         fail(f"{why}: pass {flag} DIR (from `python train.py vqgan ...`)")
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+        if not vqgan.is_diffusers_folder(path):
+            fail(f"{flag} {path}: a folder with config.json but no {vqgan.DIFFUSERS_WEIGHTS} (a diffusers VQModel)")
+        try:
+            cfg, params = vqgan.load_diffusers(path)
+        except ValueError as e:
+            fail(f"{flag} {e}")
+        return {"config": {"stage": "vqgan", "vqgan": asdict(cfg)}, "params": {"vqgan": params}}
     ckpt = read_checkpoint(path)
     stage = ckpt["config"]["stage"]
     if stage in ("base", "superres"):

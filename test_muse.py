@@ -1955,3 +1955,55 @@ def test_perceptual_loss_trains_records_the_weights_digest_and_refuses_bad_weigh
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 1 and len(err) == 1 and str(path) in err[0] and why in err[0], err
         assert not os.path.exists(tmp_path / "x" / "checkpoint.msgpack")
+
+
+def _diffusers_vqmodel(folder, **options):
+    """A tiny random diffusers VQModel saved to `folder` (weights jittered off their init, so
+    every GroupNorm and bias matters); None without torch and diffusers."""
+    torch = pytest.importorskip("torch")
+    VQModel = pytest.importorskip("diffusers").VQModel
+    torch.manual_seed(0)
+    config = dict(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, num_vq_embeddings=32,
+                  norm_num_groups=4, sample_size=16, down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2)
+    model = VQModel(**{**config, **options}).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.mark.parametrize("options", [dict(vq_embed_dim=6), dict(mid_block_add_attention=False, layers_per_block=2)])
+def test_a_diffusers_vqmodel_encodes_and_decodes_as_its_pytorch_reference(tmp_path, options):
+    import torch
+    reference = _diffusers_vqmodel(tmp_path, **options)
+    cfg, params = vqgan.load_diffusers(str(tmp_path))
+    x = _smooth_images(3, 16) + 0.3 * np.random.default_rng(0).normal(size=(3, 16, 16, 3)).astype(np.float32)
+    with torch.no_grad():
+        latents = reference.encode(torch.from_numpy(x).permute(0, 3, 1, 2)).latents
+        want_ids = reference.quantize(latents)[2][2].numpy().reshape(3, cfg.grid, cfg.grid)
+        want = reference.decode(latents).sample.permute(0, 2, 3, 1).numpy()                # (B, H, W, 3)
+    model = vqgan.VQGAN(cfg)
+    ids = np.asarray(model.apply({"params": params}, x, method="encode"))
+    np.testing.assert_array_equal(ids, want_ids)
+    assert len(np.unique(ids)) > 3                  # a real test of the lookup, not one code everywhere
+    np.testing.assert_allclose(model.apply({"params": params}, ids, method="decode"), want, atol=1e-4)
+
+
+def test_a_diffusers_tokenizer_trains_the_base_stage_and_samples_and_bad_folders_fail(tmp_path, capsys):
+    _diffusers_vqmodel(tmp_path / "vq")
+    _train(tmp_path / "base", "base", "--vqgan", str(tmp_path / "vq"), "--steps", "2", "--text_length", "16")
+    assert checkpoint.read_checkpoint(str(tmp_path / "base"))["config"]["vqgan"]["down_conv"] == "3x3_pad01"
+    sample.main(["a red circle", "--checkpoint", str(tmp_path / "base"), "--steps", "2", "--out", str(tmp_path / "x.png")])
+    assert Image.open(tmp_path / "x.png").size == (16, 16)
+    config = json.loads((tmp_path / "vq" / "config.json").read_text())
+    for change, why in ((dict(_class_name="AutoencoderKL"), "not a VQModel"),
+                        (dict(norm_type="spatial"), "unsupported VQModel option norm_type='spatial'"),
+                        (dict(layers_per_block=2), "resnets.2.conv1.bias (expected by config.json)")):
+        (tmp_path / "vq" / "config.json").write_text(json.dumps({**config, **change}))
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            _train(tmp_path / "bad", "base", "--vqgan", str(tmp_path / "vq"), "--steps", "1")
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 1 and len(err) == 1 and why in err[0] and str(tmp_path / "vq") in err[0], err

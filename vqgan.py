@@ -5,12 +5,13 @@ maps an image to a small grid of integer codebook ids, and the transformers of m
 model those ids. This file holds:
 
   * `VQGANConfig` and a few presets (`tiny` for tests, `shapes` for the built-in data set,
-    `f16_256` the paper's base tokenizer shape),
+    `photos` the real-photo recipe, `f16_256` the paper's base tokenizer shape),
   * the encoder / decoder (ResBlocks with GroupNorm and swish; the channel multipliers fix
     the downsampling factor f = 2 ** (len(ch_mult) - 1)),
   * the vector quantizer (K x d codebook, straight-through estimator, commitment loss),
   * a patch discriminator for the optional adversarial loss,
-  * `vqgan_losses`: everything the tokenizer stage of train.py minimises.
+  * `vqgan_losses`: everything the tokenizer stage of train.py minimises,
+  * last, `load_diffusers`: pretrained tokenizers in Hugging Face diffusers' VQModel format.
 
 The public API is two methods of `VQGAN`:
 
@@ -33,6 +34,7 @@ Departures from the paper / taming-transformers, and why:
   * No attention blocks in the encoder/decoder: at the resolutions we train here (32-64 px)
     convolutions already see the whole image.
 """
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,6 +60,15 @@ class VQGANConfig:
     disc_channels: int = 64          # width of the patch discriminator's first layer
     disc_layers: int = 3             # strided conv layers in the discriminator
     im2col: bool = True              # CPU only: 3x3 convs as matmuls (see Conv3x3); sampling turns it off
+    # Architecture options of other tokenizers (diffusers' VQModel: from_diffusers, at the end);
+    # the defaults are this file's own architecture
+    down_conv: str = "4x4"           # downsampling conv: "4x4" (stride 2, 'SAME') or "3x3_pad01" (pad right/bottom, 3x3)
+    mid_res_blocks: int = 1          # ResBlocks at the lowest resolution, after the encoder's and before the decoder's stages
+    mid_attention: bool = False      # a single-head self-attention block between the first two mid ResBlocks
+    out_kernel: int = 1              # kernel of the encoder's last conv (1 or 3)
+    latent_dim: int = 0              # > 0: the encoder ends at this width and 1x1 quant_convs map it to / from embed_dim
+    decoder_channels: int = 0        # width of the decoder's first stage (0: channels); bigger for decoder fine-tuning (§2.5)
+    decoder_res_blocks: int = 0      # ResBlocks per decoder stage (0: num_res_blocks)
 
     def __post_init__(self):         # JSON (our checkpoints) turns the tuple into a list; keep it hashable
         object.__setattr__(self, "ch_mult", tuple(self.ch_mult))
@@ -84,6 +95,10 @@ PRESETS = {
     # the shapes world at 64 px, f = 4: a 16 x 16 grid, the super-resolution model's target
     "shapes_hr": VQGANConfig(resolution=64, channels=32, ch_mult=(1, 2, 2), num_groups=8,
                              codebook_size=512, embed_dim=32),
+    # the real-photo recipe (scripts/photos.py, docs/results.md "Tokenizers on real photos"):
+    # 64 px, f = 4, LPIPS at taming's weight and the paper's adversarial weight
+    "photos": VQGANConfig(resolution=64, channels=32, ch_mult=(1, 2, 2), num_groups=8,
+                          codebook_size=1024, embed_dim=32, perceptual_weight=1.0, adv_weight=0.1),
     # the paper's base tokenizer: 256 px, f = 16, a 16 x 16 grid, 8192 codes (Muse §2.2)
     "f16_256": VQGANConfig(resolution=256, channels=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
                            codebook_size=8192, embed_dim=64, adv_weight=0.1, disc_channels=64),
@@ -130,6 +145,29 @@ class ResBlock(nn.Module):
         return x + h                                             # (B, H, W, out_ch)
 
 
+class AttnBlock(nn.Module):
+    """GroupNorm -> single-head self-attention over the h * w positions, plus the input: the
+    mid block of taming-transformers' and diffusers' VQGANs (this file's presets leave it out)."""
+    num_groups: int
+
+    @nn.compact
+    def __call__(self, x):                                       # (B, h, w, C)
+        B, H, W, C = x.shape
+        t = nn.GroupNorm(self.num_groups, name="norm")(x).reshape(B, H * W, C)               # (B, hw, C)
+        q, k, v = (nn.Dense(C, name=n)(t) for n in ("q", "k", "v"))                            # (B, hw, C) each
+        attn = jax.nn.softmax(q @ k.transpose(0, 2, 1) / np.sqrt(C), axis=-1)                 # (B, hw, hw)
+        return x + nn.Dense(C, name="proj_out")(attn @ v).reshape(B, H, W, C)                 # (B, h, w, C)
+
+
+def mid_blocks(c, h):
+    """The blocks at the lowest resolution: ResBlocks, with attention after the first if asked."""
+    for i in range(c.mid_res_blocks):
+        h = ResBlock(h.shape[-1], c.num_groups, c.im2col)(h)
+        if i == 0 and c.mid_attention:
+            h = AttnBlock(c.num_groups)(h)
+    return h
+
+
 class Encoder(nn.Module):
     cfg: VQGANConfig
 
@@ -141,10 +179,17 @@ class Encoder(nn.Module):
             for _ in range(c.num_res_blocks):
                 h = ResBlock(c.channels * mult, c.num_groups, c.im2col)(h)
             if i < len(c.ch_mult) - 1:                           # halve H and W between stages
-                h = nn.Conv(h.shape[-1], (4, 4), strides=(2, 2))(h)
-        h = ResBlock(h.shape[-1], c.num_groups, c.im2col)(h)
+                if c.down_conv == "4x4":
+                    h = nn.Conv(h.shape[-1], (4, 4), strides=(2, 2))(h)
+                else:                                            # diffusers' Downsample2D (padding 0)
+                    h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), padding=((0, 1), (0, 1)))(h)
+        h = mid_blocks(c, h)
         h = nn.swish(nn.GroupNorm(c.num_groups)(h))
-        return nn.Conv(c.embed_dim, (1, 1))(h)                   # (B, h, w, d)
+        width = c.latent_dim or c.embed_dim
+        h = nn.Conv(width, (1, 1))(h) if c.out_kernel == 1 else Conv3x3(width, c.im2col)(h)
+        if c.latent_dim:
+            h = nn.Conv(c.embed_dim, (1, 1), name="quant_conv")(h)
+        return h                                                 # (B, h, w, d)
 
 
 class Decoder(nn.Module):
@@ -153,11 +198,14 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, z):                                       # (B, h, w, d)
         c = self.cfg
-        h = Conv3x3(c.channels * c.ch_mult[-1], c.im2col)(z)
-        h = ResBlock(h.shape[-1], c.num_groups, c.im2col)(h)
+        channels, res_blocks = c.decoder_channels or c.channels, c.decoder_res_blocks or c.num_res_blocks
+        if c.latent_dim:
+            z = nn.Conv(c.latent_dim, (1, 1), name="post_quant_conv")(z)
+        h = Conv3x3(channels * c.ch_mult[-1], c.im2col)(z)
+        h = mid_blocks(c, h)
         for i, mult in reversed(list(enumerate(c.ch_mult))):
-            for _ in range(c.num_res_blocks):
-                h = ResBlock(c.channels * mult, c.num_groups, c.im2col)(h)
+            for _ in range(res_blocks):
+                h = ResBlock(channels * mult, c.num_groups, c.im2col)(h)
             if i > 0:                                            # nearest-neighbour x2, then a conv
                 B, H, W, C = h.shape
                 h = jax.image.resize(h, (B, 2 * H, 2 * W, C), "nearest")
@@ -318,3 +366,139 @@ def from_uint8(pixels):
 def to_uint8(images):
     """[-1, 1] float images (the VQGAN's convention) -> uint8 pixels."""
     return np.asarray(jnp.clip((images + 1.0) * 127.5 + 0.5, 0, 255)).astype(np.uint8)
+
+
+# -----------------------------------------------------------------------------
+# Pretrained tokenizers: Hugging Face diffusers' VQModel (the aMUSEd / open-muse VQGANs)
+# -----------------------------------------------------------------------------
+# A folder with config.json and diffusion_pytorch_model.safetensors. Its architecture is
+# taming-transformers' VQGAN, the one this file's is a slimmed copy of; the options it needs
+# are VQGANConfig fields (down_conv, mid_res_blocks, mid_attention, out_kernel, latent_dim,
+# decoder_res_blocks), and its codes are looked up by Euclidean distance (l2_codes=False).
+# Read with safetensors' numpy loader: no torch.
+
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def is_diffusers_folder(path):
+    return os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, DIFFUSERS_WEIGHTS))
+
+
+def diffusers_config(dc, where):
+    """diffusers' VQModel config.json (a dict) -> VQGANConfig; ValueError naming `where` and the
+    first option this file's architecture cannot express."""
+    def need(ok, what):
+        if not ok:
+            raise ValueError(f"{where}: unsupported VQModel option {what}")
+    if dc.get("_class_name") != "VQModel":
+        raise ValueError(f"{where}: holds a diffusers {dc.get('_class_name')!r}, not a VQModel")
+    boc, groups = list(dc.get("block_out_channels", [64])), dc.get("norm_num_groups", 32)
+    n = len(boc)
+    need(dc.get("in_channels", 3) == 3 and dc.get("out_channels", 3) == 3, "in/out_channels other than 3")
+    need(dc.get("act_fn", "silu") == "silu", f"act_fn={dc.get('act_fn')!r} (only silu)")
+    need(dc.get("norm_type", "group") == "group", f"norm_type={dc.get('norm_type')!r} (only group)")
+    need(list(dc.get("down_block_types", ["DownEncoderBlock2D"])) == ["DownEncoderBlock2D"] * n,
+         "down_block_types other than DownEncoderBlock2D")
+    need(list(dc.get("up_block_types", ["UpDecoderBlock2D"])) == ["UpDecoderBlock2D"] * n,
+         "up_block_types other than UpDecoderBlock2D")
+    need(all(c % boc[0] == 0 for c in boc), f"block_out_channels={boc} (each a multiple of the first)")
+    need(all(c % groups == 0 for c in boc), f"norm_num_groups={groups} (must divide every block's channels)")
+    latent = dc.get("latent_channels", 3)
+    return VQGANConfig(
+        resolution=dc.get("sample_size", 32), channels=boc[0], ch_mult=tuple(c // boc[0] for c in boc),
+        num_res_blocks=dc.get("layers_per_block", 1), num_groups=groups,
+        codebook_size=dc.get("num_vq_embeddings", 256), embed_dim=dc.get("vq_embed_dim") or latent,
+        l2_codes=False, down_conv="3x3_pad01", mid_res_blocks=2,
+        mid_attention=bool(dc.get("mid_block_add_attention", True)), out_kernel=3, latent_dim=latent,
+        decoder_res_blocks=dc.get("layers_per_block", 1) + 1)
+
+
+def diffusers_names(cfg):
+    """{our param path: diffusers' module name} for a VQGANConfig made by diffusers_config.
+
+    Our modules are auto-named in the order they are built (Conv3x3_0, ResBlock_3, ...), so
+    this walks Encoder and Decoder in that same order, beside diffusers' names."""
+    names = {}
+
+    def resblock(ours, theirs):
+        for a, b in (("GroupNorm_0", "norm1"), ("Conv3x3_0", "conv1"), ("GroupNorm_1", "norm2"),
+                     ("Conv3x3_1", "conv2"), ("Conv_0", "conv_shortcut")):
+            names[f"{ours}/{a}"] = f"{theirs}.{b}"
+
+    def mid(ours, theirs, first):                # mid ResBlocks (numbered from `first`), attention
+        resblock(f"{ours}/ResBlock_{first}", f"{theirs}.mid_block.resnets.0")
+        if cfg.mid_attention:
+            for a, b in (("norm", "group_norm"), ("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj_out", "to_out.0")):
+                names[f"{ours}/AttnBlock_0/{a}"] = f"{theirs}.mid_block.attentions.0.{b}"
+        resblock(f"{ours}/ResBlock_{first + 1}", f"{theirs}.mid_block.resnets.1")
+
+    n = len(cfg.ch_mult)
+    names["encoder/Conv3x3_0"] = "encoder.conv_in"
+    for i in range(n):
+        for j in range(cfg.num_res_blocks):
+            resblock(f"encoder/ResBlock_{i * cfg.num_res_blocks + j}", f"encoder.down_blocks.{i}.resnets.{j}")
+        if i < n - 1:
+            names[f"encoder/Conv_{i}"] = f"encoder.down_blocks.{i}.downsamplers.0.conv"
+    mid("encoder", "encoder", n * cfg.num_res_blocks)
+    names.update({"encoder/GroupNorm_0": "encoder.conv_norm_out", "encoder/Conv3x3_1": "encoder.conv_out",
+                  "encoder/quant_conv": "quant_conv", "quantizer": "quantize",
+                  "decoder/post_quant_conv": "post_quant_conv", "decoder/Conv3x3_0": "decoder.conv_in",
+                  "decoder/GroupNorm_0": "decoder.conv_norm_out"})
+    mid("decoder", "decoder", 0)
+    r = cfg.decoder_res_blocks
+    for u in range(n):                           # diffusers' up_blocks.0 is the lowest resolution
+        for j in range(r):
+            resblock(f"decoder/ResBlock_{2 + u * r + j}", f"decoder.up_blocks.{u}.resnets.{j}")
+        if u < n - 1:
+            names[f"decoder/Conv3x3_{1 + u}"] = f"decoder.up_blocks.{u}.upsamplers.0.conv"
+    names[f"decoder/Conv3x3_{n}"] = "decoder.conv_out"
+    return names
+
+
+TORCH_LEAF = {"kernel": "weight", "scale": "weight", "codebook": "embedding.weight"}   # ours -> torch's
+
+
+def from_torch(leaf, weight):
+    """One torch array -> our layout: conv (O, I, kh, kw) -> (kh, kw, I, O); linear (O, I) -> (I, O)."""
+    if leaf == "kernel":
+        return weight.transpose(2, 3, 1, 0) if weight.ndim == 4 else weight.T
+    return weight                                # biases, GroupNorm scales, the codebook
+
+
+def load_diffusers(path):
+    """A diffusers VQModel folder -> (VQGANConfig, params); ValueError (one line naming the
+    file) for another model class, an option this architecture lacks, or weights that do
+    not fit the config."""
+    import json
+    from safetensors.numpy import load_file
+    config_file = os.path.join(path, "config.json")
+    try:
+        with open(config_file) as f:
+            dc = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config_file}: unreadable ({type(e).__name__}: {e})")
+    cfg = diffusers_config(dc, config_file)
+    try:
+        weights = load_file(os.path.join(path, DIFFUSERS_WEIGHTS))
+    except Exception as e:                      # safetensors' own error types: truncated, not a safetensors file
+        raise ValueError(f"{path}/{DIFFUSERS_WEIGHTS}: unreadable ({type(e).__name__}: {e})")
+    ours = jax.eval_shape(VQGAN(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, cfg.resolution, cfg.resolution, 3)))
+    names, params, used = diffusers_names(cfg), {}, set()
+    for keys, shape in jax.tree_util.tree_leaves_with_path(ours["params"]):
+        keys = [k.key for k in keys]
+        module, leaf = "/".join(keys[:-1]), keys[-1]
+        theirs = f"{names[module]}.{TORCH_LEAF.get(leaf, leaf)}"
+        if theirs not in weights:
+            raise ValueError(f"{path}/{DIFFUSERS_WEIGHTS}: no {theirs} (expected by config.json)")
+        value = from_torch(leaf, weights[theirs].astype(np.float32))
+        if value.shape != shape.shape:
+            raise ValueError(f"{path}/{DIFFUSERS_WEIGHTS}: {theirs} has shape {weights[theirs].shape}, "
+                             f"expected {shape.shape} in our layout")
+        node = params
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[leaf], _ = value, used.add(theirs)
+    unused = sorted(set(weights) - used)
+    if unused:
+        raise ValueError(f"{path}/{DIFFUSERS_WEIGHTS}: holds weights this architecture has no place for: {unused[:3]}")
+    return cfg, params
