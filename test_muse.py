@@ -2049,3 +2049,24 @@ def test_ema_weights_are_what_export_and_sampling_use(tmp_path, tiny_vqgan):
     stage = checkpoint.load_stage(str(tmp_path / "run"), "base")
     for a, b in zip(jax.tree.leaves(stage.params), jax.tree.leaves(ckpt["ema"])):
         np.testing.assert_array_equal(a, b)
+
+
+def test_decoder_fine_tuning_keeps_every_token_id_and_trains_a_bigger_decoder(tmp_path, tiny_vqgan, capsys):
+    _train(tmp_path / "ft", "vqgan", "--finetune_decoder", "--init", str(tiny_vqgan), "--preset", "tiny_big",
+           "--steps", "3", "--lr", "1e-2", "--warmup", "1", "--ema_decay", "0.5")
+    old, new = (checkpoint.read_tokenizer(str(d), "--vqgan", "") for d in (tiny_vqgan, tmp_path / "ft"))
+    for key in ("encoder", "quantizer"):        # untouched, the moving average included
+        for a, b in zip(jax.tree.leaves(old["params"]["vqgan"][key]), jax.tree.leaves(new["params"]["vqgan"][key])):
+            np.testing.assert_array_equal(a, b)
+    models = [vqgan.VQGAN(vqgan.VQGANConfig(**t["config"]["vqgan"])) for t in (old, new)]
+    x = _smooth_images(4, 16)
+    ids = [np.asarray(m.apply({"params": t["params"]["vqgan"]}, x, method="encode")) for m, t in zip(models, (old, new))]
+    np.testing.assert_array_equal(ids[0], ids[1])
+    sizes = [sum(v.size for v in jax.tree.leaves(t["params"]["vqgan"]["decoder"])) for t in (old, new)]
+    assert sizes[1] > 2 * sizes[0]              # the bigger decoder, trained
+    assert models[1].apply({"params": new["params"]["vqgan"]}, ids[1], method="decode").shape == x.shape
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:        # another encoder or codebook than --init's
+        _train(tmp_path / "bad", "vqgan", "--finetune_decoder", "--init", str(tiny_vqgan), "--preset", "shapes")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1 and "encoder or codebook differs" in err[0], err

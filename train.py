@@ -151,8 +151,14 @@ def make_optimizer(args):
     cosine horizon is a runtime value that --time_limit can fit to the measured speed."""
     # weight decay on matrices only: decaying norm scales and biases towards 0 only hurts
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-    return optax.chain(optax.clip_by_global_norm(args.grad_clip), optax.scale_by_adam(b1=0.9, b2=0.99),
-                       optax.add_decayed_weights(args.weight_decay, mask=decay_mask))
+    tx = optax.chain(optax.clip_by_global_norm(args.grad_clip), optax.scale_by_adam(b1=0.9, b2=0.99),
+                     optax.add_decayed_weights(args.weight_decay, mask=decay_mask))
+    if getattr(args, "finetune_decoder", False):
+        # §2.5: the encoder and the codebook get no update at all (not even weight decay), so
+        # every image keeps its token ids and the transformers trained on them stay valid
+        labels = {"vqgan": {"encoder": "frozen", "quantizer": "frozen", "decoder": "train"}, "disc": "train"}
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+    return tx
 
 
 def apply_update(tx, state, grads, lr, ema_decay=0.0):
@@ -177,7 +183,9 @@ def ema_update(ema, params, decay, step):
     being dominated by the random init, so short runs benefit too.
     """
     d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
-    return jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, params)
+    # as e + (1 - d)(p - e): weights that do not move (decoder fine-tuning's frozen encoder)
+    # then keep their average bit-identical, where d * e + (1 - d) * e can round off by an ulp
+    return jax.tree.map(lambda e, p: e + (1 - d) * (p - e), ema, params)
 
 
 def learning_rate(step, peak, warmup, horizon):
@@ -262,7 +270,8 @@ def setup_vqgan(args, config):
         # so one gradient of the sum trains each network on its own objective only.
         perceptual = lambda x, y: lpips.LPIPS().apply({"params": consts["lpips"]}, x, y)
         out = vqgan.vqgan_losses(model, disc, params["vqgan"], params["disc"], batch["images"],
-                                 use_adv=step >= args.disc_start, perceptual=perceptual)
+                                 use_adv=step >= args.disc_start, perceptual=perceptual,
+                                 frozen_encoder=args.finetune_decoder)
         loss = out["g_loss"].mean() + out["d_loss"].mean()
         # usage statistics over the devices' batches (under --grad_accum, of one micro-batch
         # each, averaged over the micro-batches): psum the code counts of every device; a
@@ -456,13 +465,24 @@ def same_shapes(a, b):
     return shapes_of(a) == shapes_of(b)
 
 
-def init_tokenizer_from(path, params):
+def init_tokenizer_from(path, params, decoder_only=False):
     """vqgan --init DIR: start from another run's tokenizer weights (a vqgan run, or the
     tokenizer inside a base run). The VQGAN is fully convolutional, so the weights of a
     32 px tokenizer fit a 64 px one of the same channels: fine-tuning at the new size starts
-    from shapes and colours it already knows."""
+    from shapes and colours it already knows.
+
+    decoder_only (--finetune_decoder, §2.5): take DIR's encoder and codebook, which this run
+    keeps frozen, and train a new, freshly initialised decoder (the preset's may be wider and
+    deeper than DIR's)."""
     ckpt = read_checkpoint(path)
     src = weights(ckpt)["vqgan"] if ckpt["config"]["stage"] == "vqgan" else ckpt["consts"]["vqgan"]
+    if decoder_only:
+        kept = {k: src[k] for k in ("encoder", "quantizer")}
+        if not same_shapes(kept, {k: params["vqgan"][k] for k in kept}):
+            fail(f"--finetune_decoder --init {path}: its encoder or codebook differs from --preset's "
+                 "(decoder fine-tuning keeps them: choose a preset with the same encoder and codes)")
+        kept = {k: serialization.from_state_dict(params["vqgan"][k], v) for k, v in kept.items()}
+        return dict(params, vqgan=dict(params["vqgan"], **kept))
     if not same_shapes(src, params["vqgan"]):
         fail(f"--init {path}: its tokenizer has another architecture (channels, codes) than this run's")
     return dict(params, vqgan=serialization.from_state_dict(params["vqgan"], src))
@@ -490,7 +510,7 @@ def init_transformer_from(path, stage, params, consts):
 # Flags that define the optimisation trajectory: stored in the checkpoint and restored by
 # --resume, so a resumed run continues exactly (only --steps and the logging flags may change).
 RESUMED_ARGS = ("batch_size", "seed", "num_examples", "holdout", "lr", "warmup", "decay_steps", "weight_decay",
-                "grad_clip", "disc_start", "preset", "shuffle_buffer", "ema_decay")
+                "grad_clip", "disc_start", "preset", "shuffle_buffer", "ema_decay", "finetune_decoder")
 
 
 # -----------------------------------------------------------------------------
@@ -612,7 +632,7 @@ def make_or_resume_run(args, n_global):
     init = jax.jit(setup["init"]) if args.stage == "vqgan" else setup["init"]
     params = init(jax.random.fold_in(rng, 0))
     if args.init and not args.resume:
-        params = (init_tokenizer_from(args.init, params) if args.stage == "vqgan"
+        params = (init_tokenizer_from(args.init, params, args.finetune_decoder) if args.stage == "vqgan"
                   else init_transformer_from(args.init, args.stage, params, setup["consts"]))
     # the step lives on the device (int32, as the step function returns it: a different
     # dtype on the first call would compile the step twice)
@@ -847,6 +867,9 @@ def parse_args(argv=None):
                    help="vqgan: start from the tokenizer weights of this run (vqgan, base or superres; any resolution); "
                         "base|superres: fine-tune the transformer of this run or exported checkpoint (same preset, "
                         "tokenizers and text encoder; fresh optimizer and schedule)")
+    p.add_argument("--finetune_decoder", action="store_true",
+                   help="vqgan, with --init DIR: keep DIR's encoder and codebook frozen (every token id stays the "
+                        "same) and train a new decoder, e.g. a bigger one (--preset photos_big; paper §2.5)")
     p.add_argument("--text_encoder", default=None,
                    help="base: transformers T5 folder or hub name (default: offline ByT5 tokenizer + small random T5)")
     p.add_argument("--text_length", type=int, default=64, help="prompt length in tokens, padded / truncated")
@@ -894,6 +917,8 @@ def parse_args(argv=None):
     presets = vqgan.PRESETS if args.stage == "vqgan" else muse.PRESETS
     if args.preset is not None and args.stage in ("vqgan", "base", "superres") and args.preset not in presets:
         p.error(f"--preset {args.preset}: not a {args.stage} preset (choose from {', '.join(presets)})")
+    if args.finetune_decoder and (args.stage != "vqgan" or not args.init):
+        p.error("--finetune_decoder goes with train.py vqgan --init DIR (the tokenizer whose encoder it keeps)")
     if args.grad_accum < 0:
         p.error("--grad_accum must be 1 or more (or 0: the default for the machine)")
     if args.attention == "cudnn" and args.dtype != "bfloat16":

@@ -20,8 +20,10 @@ The public API is two methods of `VQGAN`:
 
 Images are float32 in [-1, 1], NHWC. Train it with `python train.py vqgan --data shapes ...`.
 
-Not implemented: the paper's decoder fine-tuning (§2.5: a larger decoder, with more residual
-layers and channels, trained on the frozen encoder's tokens).
+Decoder fine-tuning (§2.5): `train.py vqgan --finetune_decoder --init RUN --preset photos_big`
+keeps RUN's encoder and codebook frozen (the tokens of every image stay the same, so the
+transformers trained on them stay valid) and trains a wider, deeper decoder
+(`decoder_channels`, `decoder_res_blocks`).
 
 Departures from the paper / taming-transformers, and why:
   * The perceptual loss (LPIPS, lpips.py) is optional (`perceptual_weight`): it is what makes
@@ -89,6 +91,9 @@ PRESETS = {
     # the same at twice the resolution: the high-res tokenizer of the super-res tests
     "tiny_hr": VQGANConfig(resolution=32, channels=16, ch_mult=(1, 2, 2), num_groups=8,
                            codebook_size=64, embed_dim=16, disc_channels=16, disc_layers=2),
+    # `tiny` with a wider, deeper decoder: the decoder fine-tuning test's
+    "tiny_big": VQGANConfig(resolution=16, channels=16, ch_mult=(1, 2, 2), num_groups=8, codebook_size=64,
+                            embed_dim=16, disc_channels=16, disc_layers=2, decoder_channels=32, decoder_res_blocks=2),
     # the built-in shapes world at 32 px: f = 4, an 8 x 8 token grid
     "shapes": VQGANConfig(resolution=32, channels=32, ch_mult=(1, 2, 2), num_groups=8,
                           codebook_size=512, embed_dim=32),
@@ -99,6 +104,11 @@ PRESETS = {
     # 64 px, f = 4, LPIPS at taming's weight and the paper's adversarial weight
     "photos": VQGANConfig(resolution=64, channels=32, ch_mult=(1, 2, 2), num_groups=8,
                           codebook_size=1024, embed_dim=32, perceptual_weight=1.0, adv_weight=0.1),
+    # decoder fine-tuning (§2.5) of a `photos` tokenizer: the same encoder and codes, a decoder
+    # 1.5x as wide with twice the ResBlocks (`train.py vqgan --finetune_decoder --init RUN`)
+    "photos_big": VQGANConfig(resolution=64, channels=32, ch_mult=(1, 2, 2), num_groups=8,
+                              codebook_size=1024, embed_dim=32, perceptual_weight=1.0, adv_weight=0.1,
+                              decoder_channels=48, decoder_res_blocks=2),
     # the paper's base tokenizer: 256 px, f = 16, a 16 x 16 grid, 8192 codes (Muse §2.2)
     "f16_256": VQGANConfig(resolution=256, channels=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
                            codebook_size=8192, embed_dim=64, adv_weight=0.1, disc_channels=64),
@@ -267,9 +277,14 @@ class VQGAN(nn.Module):
         self.quantizer = VectorQuantizer(self.cfg.codebook_size, self.cfg.embed_dim, self.cfg.l2_codes)
         self.decoder = Decoder(self.cfg)
 
-    def __call__(self, images):
-        """Reconstruct `images` (B, H, W, 3); also return ids and the per-example VQ losses."""
-        z_st, ids, codebook_loss, commit_loss = self.quantizer(self.encoder(images))
+    def __call__(self, images, frozen_encoder=False):
+        """Reconstruct `images` (B, H, W, 3); also return ids and the per-example VQ losses.
+        frozen_encoder: no gradient reaches the encoder or the codebook (decoder fine-tuning,
+        §2.5), so the backward pass skips them."""
+        z_e = self.encoder(images)
+        z_st, ids, codebook_loss, commit_loss = self.quantizer(jax.lax.stop_gradient(z_e) if frozen_encoder else z_e)
+        if frozen_encoder:
+            z_st = jax.lax.stop_gradient(z_st)
         return self.decoder(z_st), ids, codebook_loss, commit_loss
 
     def encode(self, images):                                    # (B, H, W, 3) -> int32 (B, h, w)
@@ -297,7 +312,7 @@ class PatchDiscriminator(nn.Module):
         return nn.Conv(1, (3, 3))(h)[..., 0]                     # (B, H / 2^layers, W / 2^layers)
 
 
-def vqgan_losses(model, disc, params, disc_params, images, use_adv, perceptual=None):
+def vqgan_losses(model, disc, params, disc_params, images, use_adv, perceptual=None, frozen_encoder=False):
     """All the tokenizer's losses for one batch; returns per-example vectors of shape (B,).
 
     `g_loss` trains the VQGAN (encoder, codebook, decoder), `d_loss` the discriminator. They
@@ -310,7 +325,7 @@ def vqgan_losses(model, disc, params, disc_params, images, use_adv, perceptual=N
     distance between deep features penalises the missing texture (taming-transformers §3.1).
     """
     cfg = model.cfg
-    recon, ids, codebook_loss, commit_loss = model.apply({"params": params}, images)
+    recon, ids, codebook_loss, commit_loss = model.apply({"params": params}, images, frozen_encoder)
     err = recon - images
     rec_loss = jnp.mean(jnp.abs(err) if cfg.recon_loss == "l1" else err ** 2, axis=(1, 2, 3))   # (B,)
     g_loss = rec_loss + codebook_loss + cfg.beta * commit_loss
