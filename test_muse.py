@@ -2070,3 +2070,16 @@ def test_decoder_fine_tuning_keeps_every_token_id_and_trains_a_bigger_decoder(tm
         _train(tmp_path / "bad", "vqgan", "--finetune_decoder", "--init", str(tiny_vqgan), "--preset", "shapes")
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 1 and len(err) == 1 and "encoder or codebook differs" in err[0], err
+
+
+def test_photos_script_writes_image_folders_with_held_out_photos(tmp_path):
+    pytest.importorskip("skimage")
+    subprocess.run([sys.executable, os.path.join(HERE, "scripts", "photos.py"), str(tmp_path), "--train", "24",
+                    "--heldout", "6", "--size", "32"], check=True, capture_output=True)
+    seen = {}
+    for split, n in (("train", 24), ("heldout", 6)):
+        rows = [json.loads(line) for line in open(tmp_path / split / "metadata.jsonl")]
+        assert len(rows) == n and all(Image.open(tmp_path / split / r["file_name"]).size == (32, 32) for r in rows)
+        seen[split] = {r["text"] for r in rows}
+    assert seen["heldout"] == {"a photo of chelsea", "a photo of coffee", "a photo of gravel"}
+    assert not seen["train"] & seen["heldout"]  # whole photos held out, not crops of the training ones
