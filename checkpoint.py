@@ -8,6 +8,7 @@ A checkpoint is one msgpack file holding one dict, everything needed to resume o
 (nanoGPT's rule):
     step, rng       where the run stands (the training step, its PRNG key)
     params          the trained weights (a vqgan run: {"vqgan", "disc"}; base/superres: the transformer)
+    ema             with --ema_decay: their moving average, the weights that ship and sample (`weights`)
     opt_state       AdamW's moments (training checkpoints only; `export` drops them)
     consts          the frozen networks a transformer stage was trained over: {"vqgan", "t5"}
                     (+ "vqgan_hr" for super-resolution), so a checkpoint samples on its own
@@ -29,7 +30,7 @@ import math
 import os
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import jax
@@ -144,6 +145,8 @@ def save_checkpoint(workdir, state, consts, config, rng):
         "step": state["step"], "rng": rng,
         "params": state["params"], "opt_state": serialization.to_state_dict(state["opt_state"]),
         "consts": {k: consts[k] for k in ("vqgan", "vqgan_hr", "t5") if k in consts}})
+    if "ema" in state:
+        payload["ema"] = jax.tree.map(np.asarray, state["ema"])
     payload["config"] = json.dumps(config)
     bad = nonfinite({"params": payload["params"], "opt_state": payload["opt_state"]})
     if bad:                                     # train.py checks first; this is the last line of defence
@@ -174,10 +177,17 @@ def read_checkpoint(path):
     return jax.tree.map(lambda x: x.astype(np.float32) if getattr(x, "dtype", None) == np.float16 else x, ckpt)
 
 
+def weights(ckpt):
+    """The weights a checkpoint samples with: the moving average where the run kept one
+    (--ema_decay), else the trained weights."""
+    return ckpt.get("ema", ckpt["params"])
+
+
 def export(workdir, out):
     """`train.py export --workdir RUN --out DIR`: a checkpoint to ship, for sampling only.
 
-    Drops the optimizer state (2/3 of a training checkpoint) and stores the float32 weights
+    Drops the optimizer state (2/3 of a training checkpoint), keeps the EMA weights where
+    the run has them (as `params`: `weights`), and stores the float32 weights
     in float16, which read_checkpoint casts back: the demo's pipeline fits in a few MB, and
     float16's 11-bit mantissa is far finer than anything visible in a sample.
     """
@@ -195,7 +205,7 @@ def export(workdir, out):
         fail(f"export: {workdir} is a {ckpt['config']['stage']!r} run; export base and superres runs "
              "(they hold their tokenizers)")
     half = lambda x: x.astype(np.float16) if x.dtype == np.float32 else x
-    payload = {"step": ckpt["step"], "params": jax.tree.map(half, ckpt["params"]),
+    payload = {"step": ckpt["step"], "params": jax.tree.map(half, weights(ckpt)),
                "consts": jax.tree.map(half, ckpt["consts"]), "config": json.dumps(ckpt["config"])}
     os.makedirs(out, exist_ok=True)
     write_checkpoint(target, payload)
@@ -219,11 +229,20 @@ def shape_mismatch(want, got):
 
 
 def read_tokenizer(path, flag, why):
-    """A trained VQGAN given by `flag` (--vqgan, --vqgan_hr): a vqgan run, or a tokenizer held
+    """A trained VQGAN given by `flag` (--vqgan, --vqgan_hr): a vqgan run, a tokenizer held
     inside a base or superres run (so `--vqgan checkpoints/demo/base --vqgan_hr
-    checkpoints/demo/superres` trains on the shipped demo's tokenizers). -> a vqgan checkpoint."""
+    checkpoints/demo/superres` trains on the shipped demo's tokenizers), or a pretrained one
+    in diffusers' VQModel format (vqgan.load_diffusers). -> a vqgan checkpoint."""
     if not path:
         fail(f"{why}: pass {flag} DIR (from `python train.py vqgan ...`)")
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+        if not vqgan.is_diffusers_folder(path):
+            fail(f"{flag} {path}: a folder with config.json but no {vqgan.DIFFUSERS_WEIGHTS} (a diffusers VQModel)")
+        try:
+            cfg, params = vqgan.load_diffusers(path)
+        except ValueError as e:
+            fail(f"{flag} {e}")
+        return {"config": {"stage": "vqgan", "vqgan": asdict(cfg)}, "params": {"vqgan": params}}
     ckpt = read_checkpoint(path)
     stage = ckpt["config"]["stage"]
     if stage in ("base", "superres"):
@@ -234,7 +253,7 @@ def read_tokenizer(path, flag, why):
                 "params": {"vqgan": ckpt["consts"][key]}}
     if stage != "vqgan":
         fail(f"{flag} {path}: holds a {stage!r} checkpoint, not a vqgan, base or superres one")
-    return ckpt
+    return dict(ckpt, params=weights(ckpt))
 
 
 # -----------------------------------------------------------------------------
@@ -277,7 +296,7 @@ def load_stage(path, stage):
         # XLA's, the same maths, wherever there is no GPU
         attention = config["muse"].get("attention", "xla") if jax.default_backend() == "gpu" else "xla"
         cfg = muse.MuseConfig(**dict(config["muse"], attention=attention))
-        stage = Stage(muse.MaskedTransformer(cfg), ckpt["params"], vqgan.VQGAN(vq_cfg), ckpt["consts"][out],
+        stage = Stage(muse.MaskedTransformer(cfg), weights(ckpt), vqgan.VQGAN(vq_cfg), ckpt["consts"][out],
                       load_text_encoder(config, ckpt["consts"]["t5"], folder), config)
     except (KeyError, TypeError, ValueError, OSError) as e:
         fail(f"{path}: incompatible checkpoint ({type(e).__name__}: {e})")

