@@ -1961,7 +1961,9 @@ def test_perceptual_loss_trains_records_the_weights_digest_and_refuses_bad_weigh
     bad = tmp_path / "bad.ckpt"
     import pickle
     bad.write_bytes(pickle.dumps({"VGG16_0": {"Conv_0": {"kernel": np.zeros((3, 3, 3, 8), np.float32)}}}))
-    for path, why in ((tmp_path / "missing.ckpt", "unreadable"), (bad, "has shape")):
+    evil = tmp_path / "evil.ckpt"                # a pickle that would run code when loaded
+    evil.write_bytes(pickle.dumps(print))
+    for path, why in ((tmp_path / "missing.ckpt", "unreadable"), (bad, "has shape"), (evil, "numpy arrays only")):
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
             _train(tmp_path / "x", "vqgan", "--steps", "1", "--perceptual_weight", "1", "--lpips_weights", str(path))

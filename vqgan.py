@@ -64,12 +64,12 @@ class VQGANConfig:
     im2col: bool = True              # CPU only: 3x3 convs as matmuls (see Conv3x3); sampling turns it off
     # Architecture options of other tokenizers (diffusers' VQModel: from_diffusers, at the end);
     # the defaults are this file's own architecture
-    down_conv: str = "4x4"           # downsampling conv: "4x4" (stride 2, 'SAME') or "3x3_pad01" (pad right/bottom, 3x3)
-    mid_res_blocks: int = 1          # ResBlocks at the lowest resolution, after the encoder's and before the decoder's stages
+    down_conv: str = "4x4"           # downsampling: "4x4" (stride 2, 'SAME') or "3x3_pad01" (pad right/bottom by 1)
+    mid_res_blocks: int = 1          # ResBlocks at the lowest resolution (encoder end, decoder start)
     mid_attention: bool = False      # a single-head self-attention block between the first two mid ResBlocks
     out_kernel: int = 1              # kernel of the encoder's last conv (1 or 3)
-    latent_dim: int = 0              # > 0: the encoder ends at this width and 1x1 quant_convs map it to / from embed_dim
-    decoder_channels: int = 0        # width of the decoder's first stage (0: channels); bigger for decoder fine-tuning (§2.5)
+    latent_dim: int = 0              # > 0: the encoder ends at this width; 1x1 quant_convs map it to / from embed_dim
+    decoder_channels: int = 0        # the decoder's first-stage width (0: channels); wider for fine-tuning (§2.5)
     decoder_res_blocks: int = 0      # ResBlocks per decoder stage (0: num_res_blocks)
 
     def __post_init__(self):         # JSON (our checkpoints) turns the tuple into a list; keep it hashable
