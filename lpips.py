@@ -134,7 +134,8 @@ def load(path):
     want = expected_shapes()
     for name, shape in want.items():
         if got.get(name) != shape:
-            raise ValueError(f"LPIPS weights {path}: {name} has shape {got.get(name)}, expected {shape} (not LPIPS VGG16 weights)")
+            raise ValueError(f"LPIPS weights {path}: {name} has shape {got.get(name)}, expected {shape} "
+                             "(not LPIPS VGG16 weights)")
     if set(got) != set(want):
         raise ValueError(f"LPIPS weights {path}: unexpected arrays {sorted(set(got) - set(want))[:3]}")
     return jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), params)

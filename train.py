@@ -282,8 +282,9 @@ def setup_vqgan(args, config):
         counts = jax.lax.psum(jax.nn.one_hot(ids, cfg.codebook_size, dtype=jnp.int32).sum(0), "batch")  # (K,)
         stats = vqgan.codebook_stats(counts)
         metrics = {"loss": out["g_loss"].mean(), "rec_loss": out["rec_loss"].mean(),
-                   "lpips_loss": out["p_loss"].mean(), "d_loss": out["d_loss"].mean(), "commit_loss": out["commit_loss"].mean(),
-                   "codebook_usage": stats["usage"], "perplexity": stats["perplexity"]}
+                   "lpips_loss": out["p_loss"].mean(), "d_loss": out["d_loss"].mean(),
+                   "commit_loss": out["commit_loss"].mean(), "codebook_usage": stats["usage"],
+                   "perplexity": stats["perplexity"]}
         return loss, metrics
 
     def sample_grid(params, consts, batch, path):

@@ -26,15 +26,17 @@ transformers trained on them stay valid) and trains a wider, deeper decoder
 (`decoder_channels`, `decoder_res_blocks`).
 
 Departures from the paper / taming-transformers, and why:
-  * The perceptual loss (LPIPS, lpips.py) is optional (`perceptual_weight`): it is what makes
-    photos sharp (docs/results.md, "Tokenizers on real photos"); the shapes presets keep it
-    off, as their flat-coloured scenes have no texture for it to restore and it costs a
-    frozen VGG16 pass per step.
+  * The perceptual loss (LPIPS, lpips.py) is optional (`perceptual_weight`): on photos it
+    lowers held-out LPIPS at equal steps, though in CPU-length runs L1 alone given the same
+    time does better (docs/results.md, "Tokenizers on real photos"); `photos` has it on, as
+    taming and MaskGIT do for runs that converge; the shapes presets keep it off, as their flat-coloured scenes have no texture for it
+    to restore and it costs a frozen VGG16 pass per step (not measured on shapes).
   * The adversarial term uses a fixed weight (paper Table 5: 0.1) instead of taming's
     adaptive weight (ratio of gradient norms at the last layer): simpler, and stable on the
     small data sets this repository trains on.
-  * No attention blocks in the encoder/decoder: at the resolutions we train here (32-64 px)
-    convolutions already see the whole image.
+  * No attention blocks in the presets' encoder/decoder: at the resolutions we train here
+    (32-64 px) convolutions already see the whole image (`mid_attention` is there for the
+    pretrained diffusers tokenizers that have one).
 """
 import os
 from dataclasses import dataclass
@@ -64,12 +66,12 @@ class VQGANConfig:
     im2col: bool = True              # CPU only: 3x3 convs as matmuls (see Conv3x3); sampling turns it off
     # Architecture options of other tokenizers (diffusers' VQModel: from_diffusers, at the end);
     # the defaults are this file's own architecture
-    down_conv: str = "4x4"           # downsampling conv: "4x4" (stride 2, 'SAME') or "3x3_pad01" (pad right/bottom, 3x3)
-    mid_res_blocks: int = 1          # ResBlocks at the lowest resolution, after the encoder's and before the decoder's stages
+    down_conv: str = "4x4"           # downsampling: "4x4" (stride 2, 'SAME') or "3x3_pad01" (pad right/bottom by 1)
+    mid_res_blocks: int = 1          # ResBlocks at the lowest resolution (encoder end, decoder start)
     mid_attention: bool = False      # a single-head self-attention block between the first two mid ResBlocks
     out_kernel: int = 1              # kernel of the encoder's last conv (1 or 3)
-    latent_dim: int = 0              # > 0: the encoder ends at this width and 1x1 quant_convs map it to / from embed_dim
-    decoder_channels: int = 0        # width of the decoder's first stage (0: channels); bigger for decoder fine-tuning (§2.5)
+    latent_dim: int = 0              # > 0: the encoder ends at this width; 1x1 quant_convs map it to / from embed_dim
+    decoder_channels: int = 0        # the decoder's first-stage width (0: channels); wider for fine-tuning (§2.5)
     decoder_res_blocks: int = 0      # ResBlocks per decoder stage (0: num_res_blocks)
 
     def __post_init__(self):         # JSON (our checkpoints) turns the tuple into a list; keep it hashable
@@ -101,13 +103,15 @@ PRESETS = {
     "shapes_hr": VQGANConfig(resolution=64, channels=32, ch_mult=(1, 2, 2), num_groups=8,
                              codebook_size=512, embed_dim=32),
     # the real-photo recipe (scripts/photos.py, docs/results.md "Tokenizers on real photos"):
-    # 64 px, f = 4, LPIPS at taming's weight and the paper's adversarial weight
+    # 64 px, f = 4, LPIPS at taming's weight 1.0. No adversarial term: in CPU-sized runs it
+    # did not pay (its discriminator had not begun to separate real from reconstructed);
+    # long runs add the paper's `--adv_weight 0.1`
     "photos": VQGANConfig(resolution=64, channels=32, ch_mult=(1, 2, 2), num_groups=8,
-                          codebook_size=1024, embed_dim=32, perceptual_weight=1.0, adv_weight=0.1),
+                          codebook_size=1024, embed_dim=32, perceptual_weight=1.0),
     # decoder fine-tuning (§2.5) of a `photos` tokenizer: the same encoder and codes, a decoder
     # 1.5x as wide with twice the ResBlocks (`train.py vqgan --finetune_decoder --init RUN`)
     "photos_big": VQGANConfig(resolution=64, channels=32, ch_mult=(1, 2, 2), num_groups=8,
-                              codebook_size=1024, embed_dim=32, perceptual_weight=1.0, adv_weight=0.1,
+                              codebook_size=1024, embed_dim=32, perceptual_weight=1.0,
                               decoder_channels=48, decoder_res_blocks=2),
     # the paper's base tokenizer: 256 px, f = 16, a 16 x 16 grid, 8192 codes (Muse §2.2)
     "f16_256": VQGANConfig(resolution=256, channels=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
