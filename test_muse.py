@@ -55,8 +55,10 @@ import vqgan
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# Many tests train the same tiny programs; XLA's persistent cache compiles each only once.
-jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "muse_test_jax_cache"))
+# Many tests train the same tiny programs; XLA's persistent cache compiles each only once. The
+# folder is this run's own: a cache shared with other runs (earlier ones, or one beside this)
+# can hold an entry another process was still writing, and reading that one crashes XLA.
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="muse_test_jax_cache_"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
@@ -826,6 +828,19 @@ def test_base_model_overfits_a_handful_of_captions(tmp_path, tiny_vqgan):
     # from ~ln(64) = 4.2 nats; label smoothing 0.1 keeps the floor around 0.5
     assert last < 0.35 * first, (first, last)
     assert np.mean([r["masked_acc"] for r in rows[-10:]]) > 0.85
+
+
+def test_the_gan_term_is_logged_and_a_collapse_is_said(tmp_path, capsys):
+    _train(tmp_path, "vqgan", "--steps", "3", "--adv_weight", "0.1", "--disc_start", "1")
+    rows = _metrics(tmp_path)
+    assert all({"d_loss", "g_adv", "d_logit_real", "d_logit_fake"} <= set(r) for r in rows)
+    assert rows[0]["d_loss"] == 0 and rows[-1]["d_loss"] > 0          # off before --disc_start
+    assert rows[-1]["g_adv"] == pytest.approx(-rows[-1]["d_logit_fake"], rel=1e-3, abs=1e-5)
+    n = train.GAN_WINDOW
+    assert train.gan_alarm([1.0] * (n - 1), [0.5] * (n - 1)) is None              # too few steps to judge
+    assert train.gan_alarm([1.0] * n, [0.5] * n) is None                          # a matched pair
+    assert "collapsed" in train.gan_alarm([0.001] * n, [3.0] * n)
+    assert "exploding" in train.gan_alarm([0.5] * n, [40.0] * n)
 
 
 def test_vqgan_overfits_a_handful_of_images(tmp_path):

@@ -285,6 +285,9 @@ def setup_vqgan(args, config):
                    "lpips_loss": out["p_loss"].mean(), "d_loss": out["d_loss"].mean(),
                    "commit_loss": out["commit_loss"].mean(), "codebook_usage": stats["usage"],
                    "perplexity": stats["perplexity"]}
+        if cfg.adv_weight > 0:                  # the GAN term's health (gan_alarm reads them)
+            metrics.update(g_adv=out["g_adv"].mean(), d_logit_real=out["logit_real"].mean(),
+                           d_logit_fake=out["logit_fake"].mean())
         return loss, metrics
 
     def sample_grid(params, consts, batch, path):
@@ -294,6 +297,31 @@ def setup_vqgan(args, config):
 
     return {"init": init, "consts": consts, "loss_fn": loss_fn, "sample_grid": sample_grid,
             "resolutions": (cfg.resolution,), "text_encoder": None}
+
+
+def gan_alarm(d_loss, g_adv):
+    """What is wrong with the adversarial term over the last logged steps, or None.
+
+    d_loss, g_adv: their values since the discriminator started (vqgan_losses' hinge loss,
+    in [0, 2] while the two are matched, and the generator's term, minus the discriminator's
+    mean logit on reconstructions). A hinge loss stuck near 0 means the discriminator tells
+    real from reconstructed perfectly: its gradient then says only "unlike the photos", and
+    the generator's term grows; a generator term in the tens means its logits have run away.
+    Either way the run is better restarted with a smaller --adv_weight or a later --disc_start.
+    """
+    if len(d_loss) < GAN_WINDOW:
+        return None
+    d, g = float(np.mean(d_loss[-GAN_WINDOW:])), float(np.mean(g_adv[-GAN_WINDOW:]))
+    if d < 0.01:
+        return (f"the discriminator has collapsed: its hinge loss is {d:.4f} over the last {GAN_WINDOW} "
+                f"steps (it separates real from reconstructed perfectly); lower --adv_weight or raise --disc_start")
+    if abs(g) > 10:
+        return (f"the generator's adversarial term is exploding ({g:.1f} over the last {GAN_WINDOW} steps); "
+                f"lower --adv_weight or raise --disc_start")
+    return None
+
+
+GAN_WINDOW = 50                                 # steps gan_alarm averages over
 
 
 def read_lpips(path, digest=None):
@@ -792,6 +820,7 @@ def train(args):
     max_steps = args.steps
     step = start
     stopped_by = None                           # the signal that ended the run early
+    gan = [[], [], 0]                           # the GAN term's last d_loss, g_adv; the step of the next warning
     sample_batch = None                         # the run's first host batch: the sample grids show it
     try:
         while step < args.steps:
@@ -847,6 +876,13 @@ def train(args):
                 what = "loss" if not np.isfinite(metrics["loss"]) else "gradient norm"
                 fail(f"{what} is {metrics['loss' if what == 'loss' else 'grad_norm']} at step {step}; "
                      f"stopping, {kept}")
+            if "g_adv" in metrics and step >= args.disc_start:
+                gan[0] = gan[0][-GAN_WINDOW + 1:] + [metrics["d_loss"]]
+                gan[1] = gan[1][-GAN_WINDOW + 1:] + [metrics["g_adv"]]
+                alarm = gan_alarm(gan[0], gan[1])
+                if alarm and is_main and step >= gan[2]:
+                    tqdm.write(f"warning: step {step}: {alarm}")
+                    gan[2] = step + 1000        # said once a thousand steps at most
             if step > start and step % args.ckpt_every == 0:
                 if is_main:
                     save_checkpoint(args.workdir, to_save, consts, config, rng)

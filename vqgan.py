@@ -337,7 +337,7 @@ def vqgan_losses(model, disc, params, disc_params, images, use_adv, perceptual=N
     if cfg.perceptual_weight > 0:
         p_loss = perceptual(recon, images)                                                    # (B,)
         g_loss = g_loss + cfg.perceptual_weight * p_loss
-    d_loss = jnp.zeros_like(g_loss)
+    d_loss = g_adv = logit_real = logit_fake = jnp.zeros_like(g_loss)
     if cfg.adv_weight > 0:
         # hinge GAN loss (Lim & Ye 2017, as in taming-transformers)
         logits_fake_g = disc.apply({"params": jax.lax.stop_gradient(disc_params)}, recon)
@@ -348,8 +348,11 @@ def vqgan_losses(model, disc, params, disc_params, images, use_adv, perceptual=N
                   + jnp.mean(nn.relu(1.0 + logits_fake), axis=(1, 2)))                        # (B,)
         g_loss = g_loss + jnp.where(use_adv, cfg.adv_weight, 0.0) * g_adv
         d_loss = jnp.where(use_adv, d_loss, 0.0)
+        # the discriminator's mean logits, logged: how far apart it holds real and reconstructed
+        logit_real, logit_fake = jnp.mean(logits_real, axis=(1, 2)), jnp.mean(logits_fake, axis=(1, 2))
     return dict(g_loss=g_loss, d_loss=d_loss, rec_loss=rec_loss, p_loss=p_loss, codebook_loss=codebook_loss,
-                commit_loss=commit_loss, ids=ids, recon=recon)
+                commit_loss=commit_loss, ids=ids, recon=recon, g_adv=g_adv, logit_real=logit_real,
+                logit_fake=logit_fake)
 
 
 def codebook_stats(counts):
