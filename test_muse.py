@@ -62,6 +62,15 @@ jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="muse_tes
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
+@pytest.fixture(autouse=True)
+def _free_compiled_programs():
+    """Drop the in-memory compiled programs after each test (the cache above brings them back
+    from disk in milliseconds): held for the whole suite, the programs of ~190 tests made one
+    XLA:CPU compile late in the run crash the process."""
+    yield
+    jax.clear_caches()
+
+
 # =============================================================================
 # shapes.py: the built-in data set keeps to its contract (SHAPES.md)
 # =============================================================================
