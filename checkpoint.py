@@ -97,11 +97,17 @@ def unwritable(path, folder=True):
     return None
 
 
+def named_leaves(tree):
+    """[(the '/'-joined name of a leaf, the leaf)] of a pytree (flax state or nested dicts)."""
+    return [("/".join(str(getattr(k, "key", k)) for k in path), x)
+            for path, x in jax.tree_util.tree_flatten_with_path(serialization.to_state_dict(tree))[0]]
+
+
 def nonfinite(tree):
-    """The '/'-joined name of the first float array in `tree` holding a nan or inf, else None."""
-    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    """The name of the first float array in `tree` holding a nan or inf, else None."""
+    for name, x in named_leaves(tree):
         if np.issubdtype(np.asarray(x).dtype, np.floating) and not np.isfinite(x).all():
-            return "/".join(str(getattr(k, "key", k)) for k in path)
+            return name
     return None
 
 
@@ -219,9 +225,7 @@ def export(workdir, out):
 def shape_mismatch(want, got):
     """The first '/'-joined name where two param trees (flax state or nested dicts; arrays or
     ShapeDtypeStructs) differ in names or shapes, else None."""
-    flat = lambda tree: {"/".join(str(getattr(k, "key", k)) for k in p): np.shape(x)
-                         for p, x in jax.tree_util.tree_flatten_with_path(serialization.to_state_dict(tree))[0]}
-    want, got = flat(want), flat(got)
+    want, got = ({name: np.shape(x) for name, x in named_leaves(tree)} for tree in (want, got))
     for name in sorted(set(want) | set(got)):
         if want.get(name) != got.get(name):
             return f"{name}: expected {want.get(name, 'nothing')}, found {got.get(name, 'nothing')}"

@@ -489,12 +489,6 @@ def new_text_encoder(args):
     return muse.random_t5(muse.T5Config(), seed=args.seed, max_length=args.text_length)
 
 
-def same_shapes(a, b):
-    """Whether two param trees (flax state or plain nested dicts) hold the same names and shapes."""
-    shapes_of = lambda tree: jax.tree.map(np.shape, serialization.to_state_dict(tree))
-    return shapes_of(a) == shapes_of(b)
-
-
 def init_tokenizer_from(path, params, decoder_only=False):
     """vqgan --init DIR: start from another run's tokenizer weights (a vqgan run, or the
     tokenizer inside a base run). The VQGAN is fully convolutional, so the weights of a
@@ -508,12 +502,12 @@ def init_tokenizer_from(path, params, decoder_only=False):
     src = weights(ckpt)["vqgan"] if ckpt["config"]["stage"] == "vqgan" else ckpt["consts"]["vqgan"]
     if decoder_only:
         kept = {k: src[k] for k in ("encoder", "quantizer")}
-        if not same_shapes(kept, {k: params["vqgan"][k] for k in kept}):
+        if shape_mismatch(kept, {k: params["vqgan"][k] for k in kept}):
             fail(f"--finetune_decoder --init {path}: its encoder or codebook differs from --preset's "
                  "(decoder fine-tuning keeps them: choose a preset with the same encoder and codes)")
         kept = {k: serialization.from_state_dict(params["vqgan"][k], v) for k, v in kept.items()}
         return dict(params, vqgan=dict(params["vqgan"], **kept))
-    if not same_shapes(src, params["vqgan"]):
+    if shape_mismatch(src, params["vqgan"]):
         fail(f"--init {path}: its tokenizer has another architecture (channels, codes) than this run's")
     return dict(params, vqgan=serialization.from_state_dict(params["vqgan"], src))
 
@@ -532,7 +526,7 @@ def init_transformer_from(path, stage, params, consts):
             flag = {"vqgan": "--vqgan", "vqgan_hr": "--vqgan_hr", "t5": "--text_encoder"}[key]
             fail(f"--init {path}: its {key!r} weights differ from this run's (pass the same {flag} "
                  f"it was trained with)")
-    if not same_shapes(weights(ckpt), params):
+    if shape_mismatch(weights(ckpt), params):
         fail(f"--init {path}: its transformer has another architecture (preset) than this run's")
     return serialization.from_state_dict(params, weights(ckpt))
 
