@@ -329,11 +329,12 @@ def read_prompts(path):
 def main(argv=None):
     args = parse_args(argv)
     prompts = read_prompts(args.prompts_file) if args.prompts_file else None
-    for flag in ("init", "mask", "edit"):       # readable images, before any model loads
-        if getattr(args, flag):
-            open_image(getattr(args, flag), f"--{flag}")
+    # readable images, before any model loads (load_mask reads both --mask and --init)
     if args.mask:
         load_mask(args.mask, args.init)         # (as large as --init, with a white pixel)
+    for flag in ("init", "edit"):
+        if getattr(args, flag) and not args.mask:
+            open_image(getattr(args, flag), f"--{flag}")
     folders = [args.outdir] if args.prompts_file else [os.path.dirname(os.path.abspath(p))
                                                         for p in (args.out, args.lowres_out) if p]
     for folder in folders:                      # where the images go exists before any work is done
