@@ -85,6 +85,11 @@ class MuseConfig:
     # kernel (NVIDIA GPUs with bfloat16/float16 compute only), which never writes the
     # (B, H, N, M) attention weights to memory. Same maths, so checkpoints work under either.
     attention: str = "xla"
+    # training memory (train.py --remat): keep only each block's input for the backward pass
+    # and recompute the rest of the block from it (jax.checkpoint, saving nothing inside the
+    # block), so activations cost one (B, N, D) per block instead of a dozen, for one more
+    # forward pass (~1/3 more compute). No effect on the outputs or the weights' names.
+    remat: bool = False
 
     @property
     def mask_id(self) -> int:
@@ -199,12 +204,13 @@ class MaskedTransformer(nn.Module):
         # above a red square" would reach the transformer as nearly the same bag of bytes.
         ctx = ctx + pos("text_pos_emb", (c.text_length, c.width))[:ctx.shape[1]]
         ctx_mask = text_mask
+        block = nn.remat(Block) if c.remat else Block                 # (MuseConfig.remat)
         if c.lowres_grid:
             lo = nn.Embed(c.lowres_codebook_size, c.width, embedding_init=init, name="lowres_emb",
                           dtype=c.dtype)(lowres_ids)
             lo = lo + pos("lowres_pos_emb", (c.lowres_grid ** 2, c.width))                     # (B, Nlo, D)
             for i in range(c.lowres_depth):
-                lo = Block(c, name=f"lowres_block_{i}")(lo)
+                lo = block(c, name=f"lowres_block_{i}")(lo)
             lo = nn.LayerNorm(name="lowres_norm", dtype=c.dtype)(lo)
             ctx = jnp.concatenate([ctx, lo], axis=1)                                            # (B, L + Nlo, D)
             ctx_mask = jnp.concatenate([text_mask, jnp.ones(lo.shape[:2], bool)], axis=1)
@@ -215,7 +221,7 @@ class MaskedTransformer(nn.Module):
                 up = jnp.broadcast_to(up, (up.shape[0], g, r, g, r, c.width)).reshape(x.shape)  # (B, N, D)
                 x = x + nn.Dense(c.width, name="lowres_aligned", dtype=c.dtype)(up)
         for i in range(c.depth):
-            x = Block(c, name=f"block_{i}")(x, ctx, ctx_mask)
+            x = block(c, name=f"block_{i}")(x, ctx, ctx_mask)
         x = nn.LayerNorm(name="norm_out", dtype=c.dtype)(x)
         # float32 logits whatever the compute dtype: the loss's log-softmax and the decoder's
         # sampling and confidences should not round to bfloat16's 8-bit mantissa

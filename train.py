@@ -57,7 +57,9 @@ import data
 import lpips
 import muse
 import shapes
+import sharding
 import vqgan
+from sharding import replicate, unreplicate
 from checkpoint import (CHECKPOINT, Parser, export, fail, finite, load_text_encoder, nonfinite, read_checkpoint,
                         read_tokenizer, save_checkpoint, seed, shape_mismatch, unwritable, weights, write_atomically)
 
@@ -133,26 +135,23 @@ def shard(tree, n):
     return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), tree)
 
 
-def replicate(tree, n):
-    """One copy per device along a new leading axis (pmap places copy i on device i)."""
-    return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), tree)
-
-
-def unreplicate(tree):
-    return jax.tree.map(lambda x: x[0], tree)
-
-
 # -----------------------------------------------------------------------------
 # Optimizer: AdamW, linear warm-up then cosine decay, global-norm gradient clipping
 # -----------------------------------------------------------------------------
 
-def make_optimizer(args):
+def make_optimizer(args, params, sharded=False):
     """AdamW without its learning rate: the train step multiplies the update by
     -learning_rate(...) itself (optax.adamw is the same chain ending in that scaling), so the
-    cosine horizon is a runtime value that --time_limit can fit to the measured speed."""
+    cosine horizon is a runtime value that --time_limit can fit to the measured speed.
+
+    params: the full weights (their shapes say which get weight decay). sharded
+    (--shard_state): the updates will be applied to each device's slice of them
+    (sharding.py), so the clipping norm is summed over the devices.
+    """
     # weight decay on matrices only: decaying norm scales and biases towards 0 only hurts
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-    tx = optax.chain(optax.clip_by_global_norm(args.grad_clip), optax.scale_by_adam(b1=0.9, b2=0.99),
+    # (a tree of flags from the full shapes: sharded, every slice is flat)
+    decay_mask = jax.tree.map(lambda p: np.ndim(p) >= 2, params)
+    tx = optax.chain(sharding.clip_by_global_norm(args.grad_clip, sharded), optax.scale_by_adam(b1=0.9, b2=0.99),
                      optax.add_decayed_weights(args.weight_decay, mask=decay_mask))
     if getattr(args, "finetune_decoder", False):
         # §2.5: the encoder and the codebook get no update at all (not even weight decay), so
@@ -646,6 +645,8 @@ def make_or_resume_run(args, n_global):
             fail(f"{ckpt_path} exists: pass --resume to continue it, or choose another --workdir")
         config, consts = new_run(args)
     config["data_stream"] = stream
+    if "muse" in config:                        # a memory/compute trade, not part of the trajectory:
+        config["muse"]["remat"] = args.remat    # a resumed run may switch it
     # (checked here, after a resume has restored the checkpoint's --batch_size)
     batch_flag = f"--batch_size {args.batch_size}" + (" (the checkpoint's)" if args.resume else "")
     if args.batch_size % n_global:
@@ -657,7 +658,6 @@ def make_or_resume_run(args, n_global):
     if rows % args.grad_accum:
         fail(f"{batch_flag} must be a multiple of the device count {n_global} times --grad_accum {args.grad_accum}")
     setup = setup_vqgan(args, config) if args.stage == "vqgan" else setup_transformer(args, config, consts)
-    tx = make_optimizer(args)
 
     rng = jax.random.PRNGKey(args.seed)
     # The VQGAN's init is jitted: one compile instead of one per distinct layer shape. The
@@ -669,6 +669,7 @@ def make_or_resume_run(args, n_global):
     if args.init and not args.resume:
         params = (init_tokenizer_from(args.init, params, args.finetune_decoder) if args.stage == "vqgan"
                   else init_transformer_from(args.init, args.stage, params, setup["consts"]))
+    tx = make_optimizer(args, params, args.shard_state)
     # the step lives on the device (int32, as the step function returns it: a different
     # dtype on the first call would compile the step twice)
     state = {"params": params, "opt_state": tx.init(params), "step": np.int32(0)}
@@ -721,6 +722,53 @@ def truncate_metrics(workdir, step):
 # The training loop
 # -----------------------------------------------------------------------------
 
+def make_train_step(loss_fn, tx, args, rows, shapes=None, dtype=None):
+    """The step train() pmaps over the devices (axis "batch"): (state, consts, batch, rng,
+    horizon, clock, stop) -> (state, metrics), for a stage's loss_fn(params, consts, batch,
+    rng, step, first) -> (loss, metrics). bench.py compiles the same step.
+
+    shapes: with --shard_state, the full params' shapes: the state then holds this device's
+    slices (sharding.py), and the step gathers the weights (cast to `dtype`, the compute
+    dtype) and reduce-scatters the gradients instead of averaging them whole.
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state, consts, batch, rng, horizon, clock, stop):
+        step = state["step"]
+        params = state["params"] if shapes is None else sharding.gather(state["params"], shapes, dtype)
+        first = jax.lax.axis_index("batch") * rows              # global index of this device's first row
+        (_, metrics), grads = mean_over_micro_batches(
+            lambda mb, offset: grad_fn(params, consts, mb, rng, step, first + offset), batch, args.grad_accum)
+        # each device saw a different slice of the batch: average the gradients (and the
+        # metrics) over devices so every replica applies the same update; sharded, each
+        # device receives the average of its own slice only
+        if shapes is None:
+            grads = jax.lax.pmean(grads, "batch")
+        else:
+            grads = sharding.scatter_mean(grads, jax.lax.psum(1, "batch"))
+        metrics = jax.lax.pmean(metrics, "batch")
+        # the NaN guard reads it: a step can give a finite loss and still send the weights to inf
+        metrics["grad_norm"] = sharding.global_norm(grads, shapes is not None)
+        metrics["lr"] = lr = learning_rate(step, args.lr, args.warmup, horizon)
+        # --time_limit decides when to stop from the wall clock; hosts whose clocks disagreed
+        # would stop at different steps, and the ones still running would wait forever for
+        # the others in the pmean above. So every host passes its own clock in and all of
+        # them read back the same one, the latest, and take the same decisions from it.
+        metrics["clock"] = jax.lax.pmax(clock, "batch")
+        # likewise a signal that reached one host stops all of them at the same step
+        metrics["stop"] = jax.lax.pmax(stop, "batch")
+        return apply_update(tx, state, grads, lr, args.ema_decay), metrics
+
+    return train_step
+
+
+def gather_dtype(args, config):
+    """The dtype --shard_state gathers the weights in: the transformers' compute dtype (so
+    their gradients come back in it too), float32 for the tokenizer."""
+    return jnp.dtype(config["muse"]["dtype"]) if "muse" in config else jnp.float32
+
+
+
 def train(args):
     if args.num_devices and args.num_devices > jax.local_device_count():
         fail(f"--num_devices {args.num_devices}: this host has {jax.local_device_count()} "
@@ -735,36 +783,22 @@ def train(args):
     config, consts, setup, tx, state, rng = make_or_resume_run(args, n_global)
     start = int(state["step"])
     rows = args.batch_size // n_global                          # this device's rows per step
-    grad_fn = jax.value_and_grad(setup["loss_fn"], has_aux=True)
-
-    # --- The step, on every device at once (pmap) ----------------------------------------
-    def train_step(state, consts, batch, rng, horizon, clock, stop):
-        step, params = state["step"], state["params"]
-        first = jax.lax.axis_index("batch") * rows              # global index of this device's first row
-        (_, metrics), grads = mean_over_micro_batches(
-            lambda mb, offset: grad_fn(params, consts, mb, rng, step, first + offset), batch, args.grad_accum)
-        # each device saw a different slice of the batch: average the gradients (and the
-        # metrics) over devices so every replica applies the same update
-        grads = jax.lax.pmean(grads, "batch")
-        metrics = jax.lax.pmean(metrics, "batch")
-        # the NaN guard reads it: a step can give a finite loss and still send the weights to inf
-        metrics["grad_norm"] = optax.tree.norm(grads)
-        metrics["lr"] = lr = learning_rate(step, args.lr, args.warmup, horizon)
-        # --time_limit decides when to stop from the wall clock; hosts whose clocks disagreed
-        # would stop at different steps, and the ones still running would wait forever for
-        # the others in the pmean above. So every host passes its own clock in and all of
-        # them read back the same one, the latest, and take the same decisions from it.
-        metrics["clock"] = jax.lax.pmax(clock, "batch")
-        # likewise a signal that reached one host stops all of them at the same step
-        metrics["stop"] = jax.lax.pmax(stop, "batch")
-        return apply_update(tx, state, grads, lr, args.ema_decay), metrics
+    # --shard_state: the devices hold slices of the state (sharding.py), of the full shapes here
+    like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), state) \
+        if args.shard_state else None
+    train_step = make_train_step(setup["loss_fn"], tx, args, rows, like["params"] if like else None,
+                                 gather_dtype(args, config))
 
     p_step = jax.pmap(train_step, axis_name="batch", devices=devices, donate_argnums=(0,))
     # Through a pmapped identity over the same axis once, so that the state already has the
     # placement the step's outputs have: pmap compiles per input placement (the axis name is
     # part of it), and host arrays in the first call would compile the step a second time
     # (tens of seconds) on the second call.
-    rep_state = jax.pmap(lambda x: x, axis_name="batch", devices=devices)(replicate(state, n_dev))
+    # (sharded, this host's devices get their rows of the n_global slices: sharding.to_rows)
+    host_rows = sharding.to_rows(state, n_global, jax.process_index() * n_dev, n_dev) if like \
+        else replicate(state, n_dev)
+    rep_state = jax.pmap(lambda x: x, axis_name="batch", devices=devices)(host_rows)
+    del host_rows
     # the devices hold only the frozen networks the step runs: no tokenizer when it reads token
     # ids (a token folder), no T5 when the folder holds the text embeddings too (--text_emb)
     unused = set()
@@ -829,8 +863,8 @@ def train(args):
             if step == start and is_main:
                 tqdm.write("compiling the train step (the first step takes a while)...")
             # the weights this step runs on, kept on the host until the step has vouched for them
-            to_save = unreplicate(jax.device_get(rep_state)) \
-                if is_main and step > start and step % args.ckpt_every == 0 else None
+            to_save = sharding.host_state(rep_state, like, devices) \
+                if step > start and step % args.ckpt_every == 0 and (is_main or like) else None
             t0 = time.time()
             clock = replicate(np.float32(t0 - t_begin), n_dev)
             stop = replicate(np.float32(bool(requested)), n_dev)
@@ -892,7 +926,7 @@ def train(args):
                 metrics_file.flush()
             if done == args.steps and last_ckpt != done:
                 # the last weights have no next step to vouch for them: they must at least be finite
-                final = unreplicate(jax.device_get(rep_state))
+                final = sharding.host_state(rep_state, like, devices)
                 bad = nonfinite(final["params"])
                 if bad:
                     fail(f"the weights after step {step} are not finite ({bad}); the last good checkpoint "
@@ -901,12 +935,13 @@ def train(args):
                 if is_main:
                     save_checkpoint(args.workdir, final, consts, config, rng)
                 last_ckpt = done
-            if is_main and args.sample_every and not stopped_by and \
-                    (done % args.sample_every == 0 or done == args.steps):
-                os.makedirs(os.path.join(args.workdir, "samples"), exist_ok=True)
-                host_state = unreplicate(rep_state)  # the EMA weights, where there are any: they ship
-                setup["sample_grid"](host_state.get("ema", host_state["params"]), consts, sample_batch,
-                                     os.path.join(args.workdir, "samples", f"{done:06d}.png"))
+            if args.sample_every and not stopped_by and (done % args.sample_every == 0 or done == args.steps) \
+                    and (is_main or like):          # (sharded, every host takes part in the gather)
+                host_state = sharding.host_state(rep_state, like, devices)  # its EMA weights, if any, ship
+                if is_main:
+                    os.makedirs(os.path.join(args.workdir, "samples"), exist_ok=True)
+                    setup["sample_grid"](host_state.get("ema", host_state["params"]), consts, sample_batch,
+                                         os.path.join(args.workdir, "samples", f"{done:06d}.png"))
             step = done
     finally:
         for sig, handler in handlers.items():
@@ -920,7 +955,7 @@ def train(args):
     if stopped_by and is_main:
         print(f"stopped by {stopped_by} after step {args.steps}: checkpoint in {ckpt_path}; "
               f"continue with --resume")
-    return unreplicate(jax.device_get(rep_state))
+    return sharding.host_state(rep_state, like, devices)
 
 
 def parse_args(argv=None):
@@ -997,6 +1032,13 @@ def parse_args(argv=None):
     p.add_argument("--coordinator", default=None, help="--multihost: HOST:PORT of process 0 (default: detected)")
     p.add_argument("--num_processes", type=int, default=None, help="--multihost: how many processes (default: detected)")
     p.add_argument("--process_id", type=int, default=None, help="--multihost: this process's index (default: detected)")
+    p.add_argument("--shard_state", action="store_true",
+                   help="shard the float32 weights, AdamW's moments and the EMA over the devices (ZeRO: "
+                        "gradients reduce-scattered, weights all-gathered in the compute dtype; sharding.py), "
+                        "for models whose state does not fit one device; the same training either way")
+    p.add_argument("--remat", action="store_true",
+                   help="base, superres: recompute each transformer block's activations in the backward pass "
+                        "instead of keeping them (less memory, ~1/3 more compute)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="base, superres: the transformer's compute dtype; weights, optimizer "
                         "and logits stay float32 (mixed precision, for TPUs and GPUs)")
@@ -1018,6 +1060,8 @@ def parse_args(argv=None):
         p.error("--finetune_decoder goes with train.py vqgan --init DIR (the tokenizer whose encoder it keeps)")
     if args.grad_accum < 0:
         p.error("--grad_accum must be 1 or more (or 0: the default for the machine)")
+    if args.remat and args.stage not in ("base", "superres"):
+        p.error("--remat goes with the transformer stages (base, superres)")
     if args.attention == "cudnn" and args.dtype != "bfloat16":
         p.error("--attention cudnn goes with --dtype bfloat16 (cuDNN's fused attention has no float32 kernel)")
     for flag, low in (("steps", 1), ("batch_size", 1), ("ckpt_every", 1), ("log_every", 1), ("text_length", 1),
