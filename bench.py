@@ -27,10 +27,19 @@ import time
 from dataclasses import replace
 
 import numpy as np
+
+# `bench.py train PRESET --devices N` compiles for N devices; on a CPU they are faked, and XLA
+# must be told how many before jax is imported (accelerators ignore this flag)
+_devices = next((a.split("=", 1)[1] if "=" in a else (sys.argv[i + 1] if i + 1 < len(sys.argv) else "")
+                 for i, a in enumerate(sys.argv) if a == "--devices" or a.startswith("--devices=")), None)
+if __name__ == "__main__" and _devices and _devices.isdigit() and "device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_devices}"
+
 import jax
 import jax.numpy as jnp
 
 import muse
+import sharding
 import train
 from checkpoint import Parser, fail, finite, seed
 
@@ -284,7 +293,7 @@ def train_speed(args):
     alone.
     """
     cfg = replace(muse.PRESETS[args.preset], dtype=args.dtype, text_length=args.text_length,
-                  attention=args.attention)
+                  attention=args.attention, remat=args.remat)
     train.check_attention(cfg.attention)
     model = muse.MaskedTransformer(cfg)
     B, L, N = args.batch_size, args.text_length, cfg.num_tokens
@@ -302,8 +311,8 @@ def train_speed(args):
     t_start = time.perf_counter()
     progress = lambda what: print(f"[{time.perf_counter() - t_start:.0f}s] {what}", file=sys.stderr, flush=True)
     opt = train.parse_args(["base", "--workdir", "unused"])       # train.py's optimizer flags, at their defaults
-    tx = train.make_optimizer(opt)
     params = model.init(r_init, ids[:1], emb[:1], mask[:1])["params"]       # eager: see train.py
+    tx = train.make_optimizer(opt, params)
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
     state = jax.device_put(state, device)
     n_params = sum(x.size for x in jax.tree.leaves(params))
@@ -381,6 +390,109 @@ def train_speed(args):
 
 
 # -----------------------------------------------------------------------------
+# Memory: `bench.py train PRESET --devices N`, what a device holds, before renting a pod
+# -----------------------------------------------------------------------------
+
+# Device memory (GB as the vendors count them, 1e9 bytes) of the chips the README's table names
+DEVICE_MEMORY_GB = {"TPU v5e": 16, "TPU v4": 32, "H100": 80, "TPU v5p": 95}
+
+
+def saved_for_backward(loss, wrt, *rest):
+    """Bytes the forward pass of loss(wrt, *rest) keeps for its backward pass with respect to
+    `wrt` (jax.vjp's residuals, the weights it reads included), counted without running it
+    (arrays or jax.ShapeDtypeStructs): what --remat shrinks, on any backend."""
+    residuals = jax.eval_shape(lambda w, *r: jax.tree.leaves(jax.vjp(lambda w: loss(w, *r), w)[1]), wrt, *rest)
+    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in residuals)
+
+
+def train_memory(args):
+    """Compile train.py's pmapped step for N devices and report what each device holds.
+
+    Nothing is allocated and no step runs: the state, batch and step are abstract
+    (jax.eval_shape, jax.ShapeDtypeStruct), so `large` compiles on a laptop, with N fake CPU
+    devices. The step is train.make_train_step's, with its loss on random token ids and text
+    embeddings (a token folder written with --text_emb: no tokenizer or T5 on the devices),
+    --shard_state's layout and --remat as given, and --grad_accum 1 unless asked (the split
+    into micro-batches is a CPU speed path). --batch_size is per device here.
+
+    The figures: the state's bytes per device by arithmetic (weights, AdamW's moments; the
+    gradients and, sharded, the gathered weights that live during the step only), and XLA's
+    own buffer assignment of the compiled step (compiled.memory_analysis()): arguments,
+    outputs, temporaries (activations, gradients, gathered weights) and the peak,
+    arguments + outputs - aliased (the donated state) + temporaries. XLA:CPU's buffer
+    assignment is not TPU's or GPU's (their fusion and scheduling differ), so treat the peak
+    as an estimate to within some tens of percent; the arithmetic holds anywhere.
+    """
+    n = args.devices
+    if n > jax.device_count():
+        fail(f"--devices {n}: this machine has {jax.device_count()} {jax.default_backend()} device(s)"
+             + (" (on a CPU, run bench.py as a script: it fakes them)" if jax.default_backend() == "cpu" else ""))
+    cfg = replace(muse.PRESETS[args.preset], dtype=args.dtype, text_length=args.text_length,
+                  attention=args.attention, remat=args.remat)
+    model = muse.MaskedTransformer(cfg)
+    B, L, N = args.batch_size, args.text_length, cfg.num_tokens                   # B per device
+    opt = train.parse_args(["base", "--workdir", "unused"])                      # train.py's defaults
+    opt.grad_accum, opt.ema_decay, opt.shard_state = args.grad_accum or 1, 0.0, args.shard_state
+    if B % opt.grad_accum:
+        fail(f"--batch_size {B} must be a multiple of --grad_accum {opt.grad_accum}")
+    sds = jax.ShapeDtypeStruct
+    one = (sds((1, N), jnp.int32), sds((1, L, cfg.text_dim), jnp.float32), sds((1, L), bool))
+    params = jax.eval_shape(lambda *x: model.init(jax.random.PRNGKey(0), *x)["params"], *one)
+    tx = train.make_optimizer(opt, params, args.shard_state)
+    state = {"params": params, "opt_state": jax.eval_shape(tx.init, params), "step": sds((), jnp.int32)}
+    # what pmap is handed: a leading device axis, and sharded each array's row of c numbers
+    per_device = lambda x: sds((n,) + ((sharding.row_length(x.size, n),) if args.shard_state and x.shape
+                                      else x.shape), x.dtype)
+    state_in = jax.tree.map(per_device, state)
+    consts = {"empty_emb": sds((n, L, cfg.text_dim), jnp.float32), "empty_mask": sds((n, L), bool)}
+    batch = {"ids": sds((n, B, N), jnp.int32), "text_emb": sds((n, B, L, cfg.text_dim), jnp.float32),
+             "text_mask": sds((n, B, L), bool)}
+    scalar = sds((n,), jnp.float32)
+
+    def loss_fn(params, consts, batch, rng, step, first):
+        loss, acc = muse.masked_token_loss(model, params, batch["ids"], batch["text_emb"], batch["text_mask"],
+                                           consts["empty_emb"], consts["empty_mask"],
+                                           train.example_keys(rng, step, first, batch["ids"].shape[0]))
+        return loss.mean(), {"loss": loss.mean(), "masked_acc": acc.mean()}
+
+    step = train.make_train_step(loss_fn, tx, opt, B, params if args.shard_state else None, jnp.dtype(args.dtype))
+    t0 = time.perf_counter()
+    compiled = jax.pmap(step, axis_name="batch", devices=jax.devices()[:n], donate_argnums=(0,)).lower(
+        state_in, consts, batch, sds((n, 2), jnp.uint32), scalar, scalar, scalar).compile()
+    compile_s = time.perf_counter() - t0
+    # what one micro-batch's forward pass keeps for the backward pass (the activations: what
+    # --remat shrinks), counted by JAX, whatever the backend's scheduler does with it
+    one_device = lambda tree: jax.tree.map(lambda x: sds(x.shape[1:], x.dtype), tree)
+    micro = jax.tree.map(lambda x: sds((B // opt.grad_accum,) + x.shape[1:], x.dtype), one_device(batch))
+    weights = jax.tree.map(lambda x: sds(x.shape, jnp.dtype(args.dtype) if args.shard_state else x.dtype), params)
+    kept = saved_for_backward(lambda p, *rest: loss_fn(p, *rest, 0)[0], weights, one_device(consts), micro,
+                              sds((2,), jnp.uint32), sds((), jnp.int32))
+    m = compiled.memory_analysis()
+    nbytes = lambda tree: sum(int(np.prod(x.shape[1:])) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    peak = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+    gb = lambda x: round(x / 1e9, 3)
+    report = {"weights": nbytes(state_in["params"]), "optimizer": nbytes(state_in["opt_state"]),
+              "gradients": n_params * jnp.dtype(args.dtype).itemsize,
+              "gathered_weights": n_params * jnp.dtype(args.dtype).itemsize if args.shard_state else 0,
+              "batch": nbytes(batch), "saved_for_backward": kept}
+    # the step's high-water mark as JAX counts it: the state, the batch, the gathered weights,
+    # and at the turn from the forward to the backward pass, what was kept plus the gradients
+    report["estimate"] = sum(report[k] for k in ("weights", "optimizer", "batch", "gathered_weights",
+                                                 "saved_for_backward", "gradients"))
+    report.update({"xla_arguments": m.argument_size_in_bytes,
+              "xla_outputs": m.output_size_in_bytes, "xla_aliased": m.alias_size_in_bytes,
+              "xla_temporaries": m.temp_size_in_bytes, "xla_peak": peak})
+    return {"preset": args.preset, "devices": n, "batch_per_device": B, "global_batch": n * B,
+            "dtype": args.dtype, "shard_state": args.shard_state, "remat": args.remat,
+            "grad_accum": opt.grad_accum, "text_length": L, "params": n_params, "compile_s": compile_s,
+            "bytes_per_device": report, "gb_per_device": {k: gb(v) for k, v in report.items()},
+            "fits": {name: report["estimate"] <= size * 1e9 for name, size in DEVICE_MEMORY_GB.items()},
+            "fits_xla_peak": {name: peak <= size * 1e9 for name, size in DEVICE_MEMORY_GB.items()},
+            "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind}
+
+
+# -----------------------------------------------------------------------------
 # The command line
 # -----------------------------------------------------------------------------
 
@@ -414,6 +526,11 @@ def parse_args(argv=None):
                    help="the device's peak for MFU (default: the datasheet bf16 peak of a known GPU/TPU, "
                         "whatever --dtype; on a CPU or unknown device a measured float32 matmul)")
     t.add_argument("--peak_gflops", type=finite, default=None, help="the same peak in GFLOP/s")
+    t.add_argument("--devices", type=int, default=None, metavar="N",
+                   help="instead of timing: compile train.py's pmapped step for N devices (faked on a CPU) and "
+                        "report the bytes each holds (--batch_size is then per device); no step runs")
+    t.add_argument("--shard_state", action="store_true", help="with --devices: train.py --shard_state's layout")
+    t.add_argument("--remat", action="store_true", help="train.py --remat: recompute each block in the backward pass")
     args = p.parse_args(argv)
     if args.what == "sample":
         if min(args.batch_size, args.steps) < 1:
@@ -433,6 +550,10 @@ def parse_args(argv=None):
         p.error(f"--batch_size {args.batch_size} must be a multiple of --grad_accum {args.grad_accum}")
     if args.attention == "cudnn" and args.dtype != "bfloat16":
         p.error("--attention cudnn goes with --dtype bfloat16 (cuDNN's fused attention has no float32 kernel)")
+    if args.devices is not None and args.devices < 1:
+        p.error(f"--devices must be at least 1, not {args.devices}")
+    if args.shard_state and not args.devices:
+        p.error("--shard_state goes with --devices N (the state is sharded over N devices)")
     return args
 
 
@@ -441,6 +562,8 @@ def main(argv=None):
     if args.what == "sample":
         report = sample_speed(args.preset, batch=args.batch_size, steps=args.steps, dtype=args.dtype,
                               profile=args.profile)
+    elif args.devices:
+        report = train_memory(args)
     else:
         report = train_speed(args)
     print(json.dumps(report))

@@ -134,7 +134,11 @@ def host_state(device_state, like=None, devices=None):
     """
     if like is None:
         return unreplicate(jax.device_get(device_state))
-    if jax.process_count() > 1:
-        every_row = jax.pmap(lambda x: jax.lax.all_gather(x, AXIS), axis_name=AXIS, devices=devices)
-        device_state = jax.tree.map(lambda x: every_row(x)[0], device_state)              # (n, ...)
-    return from_rows(jax.device_get(device_state), like)
+    if jax.process_count() == 1:
+        return from_rows(jax.device_get(device_state), like)
+    every_row = jax.pmap(lambda x: jax.lax.all_gather(x, AXIS), axis_name=AXIS, devices=devices)
+    # (read from this host's first device: indexing the pod-wide result would be one more
+    # computation over every host, which the others, gone on to the next leaf, never join)
+    rows = jax.tree.map(lambda x: np.asarray(every_row(x).addressable_shards[0].data).reshape((-1,) + x.shape[1:]),
+                        device_state)                                                    # (n, ...)
+    return from_rows(rows, like)

@@ -50,6 +50,7 @@ import fid
 import muse
 import sample
 import shapes
+import sharding
 import train
 import vqgan
 
@@ -783,6 +784,71 @@ def test_checkpoint_round_trip_and_exact_resume(tmp_path, tiny_vqgan):
         np.testing.assert_array_equal(x, y)
 
 
+def test_sharded_rows_round_trip_with_zero_padding():
+    tree = {"w": np.arange(10, dtype=np.float32).reshape(2, 5), "b": np.ones(3, np.float32), "count": np.int32(7)}
+    rows = sharding.to_rows(tree, 4)
+    assert rows["w"].shape == (4, 3) and rows["b"].shape == (4, 1) and rows["count"].shape == (4,)
+    assert rows["w"].reshape(-1)[10:].tolist() == [0, 0] and rows["count"].tolist() == [7] * 4
+    back = sharding.from_rows(rows, tree)
+    for k in tree:
+        np.testing.assert_array_equal(back[k], tree[k])
+    # process 1 of 2 (2 devices each) gets rows 2 and 3 of the 4
+    np.testing.assert_array_equal(sharding.to_rows(tree, 4, first=2, count=2)["w"], rows["w"][2:])
+
+
+def test_sharded_state_trains_as_replicated_and_resumes_on_other_device_counts(tmp_path, tiny_vqgan):
+    """--shard_state (ZeRO: each of 4 devices holds a quarter of the weights, moments and EMA)
+    trains as one device holding everything, and its checkpoint resumes sharded on 2."""
+    base = ["base", "--vqgan", str(tiny_vqgan), "--decay_steps", "6", "--ema_decay", "0.9"]
+    one = _train(tmp_path / "one", *base, "--steps", "6", "--num_devices", "1")
+    _train(tmp_path / "sharded", *base, "--steps", "3", "--shard_state")
+    ckpt = checkpoint.read_checkpoint(str(tmp_path / "sharded"))
+    assert checkpoint.shape_mismatch(ckpt["params"], one["params"]) is None    # full arrays on disk
+    resumed = _train(tmp_path / "sharded", *base, "--steps", "6", "--resume", "--shard_state", "--num_devices", "2")
+    a, b = _metrics(tmp_path / "one"), _metrics(tmp_path / "sharded")
+    assert max(r["grad_norm"] for r in a) > 1.0         # the clipping (--grad_clip 1) was in play
+    for key in ("loss", "grad_norm"):
+        np.testing.assert_allclose([r[key] for r in b], [r[key] for r in a], rtol=1e-5, atol=1e-5)
+    for tree in ("params", "ema", "opt_state"):
+        for x, y in zip(jax.tree.leaves(one[tree]), jax.tree.leaves(resumed[tree])):
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+
+
+def test_remat_gives_the_same_gradients_and_keeps_a_tenth_of_the_activations():
+    """--remat: the backward pass recomputes each block from its input. What the forward pass
+    keeps for the backward one is the vjp's residuals (a backend-independent count; XLA:CPU's
+    buffer assignment does not show the saving, docs/results.md)."""
+    cfg = replace(muse.PRESETS["tiny"], depth=4)
+    B, L = 16, 8
+    ids = jax.random.randint(jax.random.PRNGKey(1), (B, cfg.num_tokens), 0, cfg.codebook_size)
+    emb, mask = jax.random.normal(jax.random.PRNGKey(2), (B, L, cfg.text_dim)), jnp.ones((B, L), bool)
+    params = muse.MaskedTransformer(cfg).init(jax.random.PRNGKey(0), ids, emb, mask)["params"]
+    grads, kept = [], []
+    for remat in (False, True):
+        model = muse.MaskedTransformer(replace(cfg, remat=remat))
+        loss = lambda p: jnp.mean(model.apply({"params": p}, ids, emb, mask) ** 2)
+        grads.append(jax.grad(loss)(params))
+        kept.append(bench.saved_for_backward(loss, params))
+    for x, y in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    assert kept[1] < kept[0] / 5, kept
+
+
+def test_memory_report_shards_the_state_over_the_devices(capsys):
+    reports = {}
+    for shard in ([], ["--shard_state"]):
+        bench.main(["train", "tiny", "--devices", "4", "--batch_size", "4", *shard])
+        reports[bool(shard)] = json.loads(capsys.readouterr().out)
+    full, sharded = reports[False]["bytes_per_device"], reports[True]["bytes_per_device"]
+    n_params = reports[False]["params"]
+    assert full["weights"] == 4 * n_params and full["optimizer"] >= 8 * n_params
+    assert n_params <= sharded["weights"] < 1.01 * n_params      # a quarter of the float32 bytes (+ padding)
+    assert sharded["optimizer"] < full["optimizer"] / 3.9
+    # XLA's own count: the state the step is handed shrinks with it
+    assert sharded["xla_arguments"] < full["xla_arguments"] / 2
+    assert all(r["bytes_per_device"]["xla_peak"] > r["bytes_per_device"]["xla_temporaries"] > 0 for r in reports.values())
+
+
 def _hosts(workdir, tiny_vqgan, *extra, n=2):
     """`train.py base` as n processes of 2 CPU devices each, joined by jax.distributed over
     localhost (a pod slice of n hosts in miniature; gloo carries the collectives)."""
@@ -808,9 +874,12 @@ def _hosts(workdir, tiny_vqgan, *extra, n=2):
         assert code == 0, f"process {i}:\n{log.read()[-3000:]}"
 
 
-def test_two_hosts_train_as_one_host_and_resume_on_one(tmp_path, tiny_vqgan):
-    # 2 hosts x 2 devices: 3 steps of a 6-step schedule; process 0 alone writes the files
-    _hosts(tmp_path / "two", tiny_vqgan, "--steps", "3", "--decay_steps", "6")
+def test_two_hosts_train_as_one_host_and_resume_on_one_unsharded(tmp_path, tiny_vqgan):
+    # 2 hosts x 2 devices, the state sharded over the 4 (each host gathers the others' slices
+    # for the checkpoint and the sample grid): 3 steps of a 6-step schedule; process 0 alone
+    # writes the files
+    _hosts(tmp_path / "two", tiny_vqgan, "--steps", "3", "--decay_steps", "6", "--shard_state", "--sample_every", "2")
+    assert os.path.exists(tmp_path / "two" / "samples" / "000002.png")
     assert [r["step"] for r in _metrics(tmp_path / "two")] == [1, 2, 3]
     # resumed on 1 host x 4 devices, it ends where a 6-step run on that host does
     resumed = _train(tmp_path / "two", "base", "--vqgan", str(tiny_vqgan), "--steps", "6", "--resume")
