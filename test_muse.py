@@ -31,6 +31,7 @@ import socket
 import tempfile
 import subprocess
 import sys
+import time
 import types
 from dataclasses import replace
 
@@ -849,29 +850,87 @@ def test_memory_report_shards_the_state_over_the_devices(capsys):
     assert all(r["bytes_per_device"]["xla_peak"] > r["bytes_per_device"]["xla_temporaries"] > 0 for r in reports.values())
 
 
-def _hosts(workdir, tiny_vqgan, *extra, n=2):
-    """`train.py base` as n processes of 2 CPU devices each, joined by jax.distributed over
-    localhost (a pod slice of n hosts in miniature; gloo carries the collectives)."""
+def _start_hosts(workdirs, tiny_vqgan, *extra):
+    """`train.py base` as len(workdirs) processes of 2 CPU devices each, joined by
+    jax.distributed over localhost (a pod slice in miniature; gloo carries the collectives);
+    process i runs in workdirs[i] (the same folder, unless a test says otherwise)."""
     with socket.socket() as s:                  # a free port for process 0's coordinator
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
                JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,   # as in this process
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    cmd = [sys.executable, os.path.join(HERE, "train.py"), "base", "--workdir", str(workdir), *TINY,
-           "--vqgan", str(tiny_vqgan), "--multihost", "--coordinator", f"localhost:{port}",
-           "--num_processes", str(n), *extra]
-    logs = [open(f"{workdir}.{i}.log", "w+") for i in range(n)]
-    procs = [subprocess.Popen(cmd + ["--process_id", str(i)], env=env, stdout=log, stderr=subprocess.STDOUT)
-             for i, log in enumerate(logs)]
+    cmd = [sys.executable, os.path.join(HERE, "train.py"), "base", *TINY, "--vqgan", str(tiny_vqgan),
+           "--multihost", "--coordinator", f"localhost:{port}", "--num_processes", str(len(workdirs)), *extra]
+    logs = [open(f"{workdirs[0]}.{i}.log", "w+") for i in range(len(workdirs))]
+    procs = [subprocess.Popen(cmd + ["--workdir", str(w), "--process_id", str(i)], env=env, stdout=log,
+                              stderr=subprocess.STDOUT) for i, (w, log) in enumerate(zip(workdirs, logs))]
+    return procs, logs
+
+
+def _wait_hosts(procs, logs, timeout=300):
+    """-> each process's (exit code, log); a host left waiting for the others fails the test here."""
     try:
-        codes = [p.wait(timeout=300) for p in procs]    # a host left waiting for the others would hang here
+        codes = [p.wait(timeout=timeout) for p in procs]
     finally:
         for p in procs:
             p.kill()
-    for i, (code, log) in enumerate(zip(codes, logs)):
+    out = []
+    for log in logs:
         log.seek(0)
-        assert code == 0, f"process {i}:\n{log.read()[-3000:]}"
+        out.append(log.read())
+    return list(zip(codes, out))
+
+
+def _hosts(workdir, tiny_vqgan, *extra, n=2):
+    for i, (code, log) in enumerate(_wait_hosts(*_start_hosts([workdir] * n, tiny_vqgan, *extra))):
+        assert code == 0, f"process {i}:\n{log[-3000:]}"
+
+
+def _wait_for_steps(workdir, n, procs, timeout=300):
+    """Until process 0 has logged n steps in workdir/metrics.jsonl."""
+    t0 = time.time()
+    while not (os.path.exists(workdir / "metrics.jsonl") and len(_metrics(workdir)) >= n):
+        assert time.time() - t0 < timeout and all(p.poll() is None for p in procs), "the hosts did not train"
+        time.sleep(0.2)
+
+
+def test_hosts_that_see_different_run_folders_stop_with_one_line(tmp_path, tiny_vqgan):
+    # two "local disks": process 1 never sees the token process 0 writes
+    results = _wait_hosts(*_start_hosts([tmp_path / "host0", tmp_path / "host1"], tiny_vqgan, "--steps", "2"),
+                          timeout=120)
+    for code, log in results:
+        assert code == 1 and "Traceback" not in log and "Check failure" not in log, log[-2000:]
+        errors = [line for line in log.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "--workdir" in errors[0] and "[1]" in errors[0], errors
+    assert not os.path.exists(tmp_path / "host0" / "checkpoint.msgpack")
+
+
+def test_a_lost_host_stops_the_others_with_a_checkpoint_or_one_line(tmp_path, tiny_vqgan):
+    run = tmp_path / "run"
+    flags = ["--steps", "100000", "--ckpt_every", "4", "--host_timeout", "8"]
+    # SIGTERM (a preemption, a maintenance event) on one host: every host stops at the same
+    # step, with a checkpoint of it, and exits cleanly
+    procs, logs = _start_hosts([run, run], tiny_vqgan, *flags)
+    _wait_for_steps(run, 6, procs)
+    procs[1].send_signal(signal.SIGTERM)
+    (code0, log0), (code1, log1) = _wait_hosts(procs, logs, timeout=120)
+    assert code0 == code1 == 0, log0[-2000:] + log1[-2000:]
+    stopped = int(checkpoint.read_checkpoint(str(run))["step"])
+    assert f"stopped by a signal on another host after step {stopped}" in log0
+    assert [r["step"] for r in _metrics(run)][-1] == stopped
+    # SIGKILL (the host is gone): the other exits within --host_timeout with one line naming
+    # the last checkpoint, not after JAX's heartbeat time-out with a C++ abort
+    procs, logs = _start_hosts([run, run], tiny_vqgan, *flags, "--resume")
+    _wait_for_steps(run, stopped + 3, procs)
+    procs[1].kill()
+    t0 = time.time()
+    (code0, log0), _ = _wait_hosts(procs, logs, timeout=120)
+    assert code0 == 1 and time.time() - t0 < 8 + 20, log0[-2000:]
+    assert "Traceback" not in log0 and "Check failure" not in log0
+    last = log0.strip().splitlines()[-1]
+    assert last.startswith("error: no step finished in 8s (--host_timeout)") and "checkpoint.msgpack (step" in last, last
+    assert int(checkpoint.read_checkpoint(str(run))["step"]) >= stopped     # still loads
 
 
 def test_two_hosts_train_as_one_host_and_resume_on_one_unsharded(tmp_path, tiny_vqgan):

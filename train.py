@@ -37,11 +37,13 @@ bench.py times this file's step (`python bench.py train PRESET`).
 """
 import argparse
 import functools
+import hashlib
 import json
 import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, replace
@@ -769,6 +771,72 @@ def gather_dtype(args, config):
 
 
 
+# -----------------------------------------------------------------------------
+# Multi-host: one run folder, and a dead host ends the run in bounded time
+# -----------------------------------------------------------------------------
+
+def check_hosts_agree(args):
+    """Multi-host, before anything is read: every host must see the same --workdir (process 0
+    writes the checkpoint there and every host reads it on --resume) and the same --data
+    shards. Otherwise every host exits with the same one line, rather than one host failing
+    alone while the others wait for it in a collective until the run aborts.
+
+    Process 0 writes a fresh token into --workdir and sends it to the others through a
+    collective (not the disk); each host compares it with the file it sees.
+    """
+    from jax.experimental import multihost_utils
+    path = os.path.join(args.workdir, ".hosts_token")
+    token = np.frombuffer(os.urandom(16), np.uint8)
+    if jax.process_index() == 0:
+        write_atomically(path, token.tobytes())
+    token = np.asarray(multihost_utils.broadcast_one_to_all(token))                # process 0's
+    try:
+        with open(path, "rb") as f:
+            same_folder = f.read() == token.tobytes()
+    except OSError:
+        same_folder = False
+    shards = data.find_shards(args.data) if data.is_real_data(args.data) and not os.path.isdir(args.data) \
+        else [args.data]
+    digest = np.frombuffer(hashlib.sha256("\n".join(shards).encode()).digest()[:8], np.uint8)
+    seen = np.asarray(multihost_utils.process_allgather(
+        np.concatenate([[np.uint8(same_folder)], digest])))                           # (P, 9)
+    if not seen[:, 0].all():
+        fail(f"--workdir {args.workdir}: process(es) {np.flatnonzero(~seen[:, 0].astype(bool)).tolist()} do not "
+             "see the folder process 0 writes (local disks?): on several hosts --workdir must be storage "
+             "every host shares (NFS, Filestore, a gcsfuse bucket)")
+    if not (seen[:, 1:] == seen[0, 1:]).all():
+        fail(f"--data {args.data}: the hosts do not see the same shard list (process(es) "
+             f"{[p for p in range(len(seen)) if (seen[p, 1:] != seen[0, 1:]).any()]} differ from process 0)")
+
+
+class Watchdog:
+    """Multi-host: ends this process with one line, message(), when beat() has not been called
+    for `limit` seconds. A dead host leaves the others waiting in the step's all-reduce;
+    without this they wait for JAX's heartbeat timeout and die in a C++ abort with a stack
+    trace (so does a host whose peers never join jax.distributed.initialize). During
+    training the clock starts after the first (compiling) step and stops while this host
+    writes files; a host waiting for process 0's checkpoint write counts that time, so
+    --host_timeout must exceed it."""
+
+    def __init__(self, limit, message):
+        self.limit, self.message, self.last = limit, message, None
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def beat(self):                             # a step (or this host's own file writing) finished
+        self.last = time.time()
+
+    def stop(self):
+        self.last = None
+
+    def _watch(self):
+        while True:
+            time.sleep(0.5)
+            last = self.last
+            if last is not None and time.time() - last > self.limit:
+                print(f"\nerror: {self.message()}", file=sys.stderr, flush=True)
+                os._exit(1)
+
+
 def train(args):
     if args.num_devices and args.num_devices > jax.local_device_count():
         fail(f"--num_devices {args.num_devices}: this host has {jax.local_device_count()} "
@@ -780,6 +848,8 @@ def train(args):
     is_main = jax.process_index() == 0
     os.makedirs(args.workdir, exist_ok=True)
     ckpt_path = os.path.join(args.workdir, CHECKPOINT)
+    if jax.process_count() > 1:
+        check_hosts_agree(args)
     config, consts, setup, tx, state, rng = make_or_resume_run(args, n_global)
     start = int(state["step"])
     rows = args.batch_size // n_global                          # this device's rows per step
@@ -850,6 +920,11 @@ def train(args):
     stopped_by = None                           # the signal that ended the run early
     gan = [[], [], 0]                           # the GAN term's last d_loss, g_adv; the step of the next warning
     sample_batch = None                         # the run's first host batch: the sample grids show it
+    kept = lambda: f"the last checkpoint is {ckpt_path} (step {last_ckpt})" if last_ckpt is not None \
+        else "no checkpoint was written yet"
+    watchdog = Watchdog(args.host_timeout, lambda: f"no step finished in {args.host_timeout:.0f}s (--host_timeout): "
+                        f"another host has died or hangs; {kept()}; restart every host with --resume") \
+        if jax.process_count() > 1 else None
     try:
         while step < args.steps:
             try:
@@ -870,6 +945,8 @@ def train(args):
             stop = replicate(np.float32(bool(requested)), n_dev)
             rep_state, metrics = p_step(rep_state, rep_consts, batch, rep_rng, rep_horizon, clock, stop)
             metrics = {k: float(v[0]) for k, v in jax.device_get(metrics).items()}
+            if watchdog:
+                watchdog.beat()
             elapsed = metrics.pop("clock")      # s since t_begin when this step started (all hosts agree)
             if metrics.pop("stop") and step + 1 < args.steps:
                 args.steps, stopped_by = step + 1, (requested or ["a signal on another host"])[0]
@@ -942,6 +1019,8 @@ def train(args):
                     os.makedirs(os.path.join(args.workdir, "samples"), exist_ok=True)
                     setup["sample_grid"](host_state.get("ema", host_state["params"]), consts, sample_batch,
                                          os.path.join(args.workdir, "samples", f"{done:06d}.png"))
+            if watchdog:                        # (this host's own writing does not count)
+                watchdog.beat()
             step = done
     finally:
         for sig, handler in handlers.items():
@@ -1032,6 +1111,11 @@ def parse_args(argv=None):
     p.add_argument("--coordinator", default=None, help="--multihost: HOST:PORT of process 0 (default: detected)")
     p.add_argument("--num_processes", type=int, default=None, help="--multihost: how many processes (default: detected)")
     p.add_argument("--process_id", type=int, default=None, help="--multihost: this process's index (default: detected)")
+    p.add_argument("--init_timeout", type=int, default=300,
+                   help="--multihost: seconds to wait for every process to join before giving up")
+    p.add_argument("--host_timeout", type=finite, default=120,
+                   help="--multihost: a host that sees no step finish for this many seconds (another host died "
+                        "or hangs) exits with one line; must exceed the time process 0 takes to write a checkpoint")
     p.add_argument("--shard_state", action="store_true",
                    help="shard the float32 weights, AdamW's moments and the EMA over the devices (ZeRO: "
                         "gradients reduce-scattered, weights all-gathered in the compute dtype; sharding.py), "
@@ -1067,7 +1151,8 @@ def parse_args(argv=None):
     for flag, low in (("steps", 1), ("batch_size", 1), ("ckpt_every", 1), ("log_every", 1), ("text_length", 1),
                       ("shuffle_buffer", 1), ("shard_size", 1), ("num_examples", 0), ("sample_every", 0),
                       ("warmup", 0), ("disc_start", 0), ("data_workers", 0), ("decay_steps", 1),
-                      ("num_devices", 1), ("lr", 0), ("weight_decay", 0), ("time_limit", 0), ("adv_weight", 0)):
+                      ("num_devices", 1), ("lr", 0), ("weight_decay", 0), ("time_limit", 0), ("adv_weight", 0),
+                      ("init_timeout", 1), ("host_timeout", 1)):
         if getattr(args, flag) is not None and getattr(args, flag) < low:
             p.error(f"--{flag} must be at least {low}, not {getattr(args, flag)}")
     if args.grad_clip <= 0:
@@ -1092,10 +1177,18 @@ def main(argv=None):
     if args.stage == "export":
         return export(args.workdir, args.out)
     if args.multihost:
+        # JAX's own time-outs come after ours, so that a Watchdog's line, not a C++ abort, is
+        # what a missing or dead host leaves on the others' screens
+        joining = Watchdog(args.init_timeout, lambda: f"--multihost: not every process joined within "
+                           f"{args.init_timeout}s (--init_timeout); is each started, with the same --coordinator?")
+        joining.beat()
         try:
-            jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+            jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                                       initialization_timeout=args.init_timeout + 30,
+                                       heartbeat_timeout_seconds=int(args.host_timeout) + 60)
         except (RuntimeError, ValueError) as e:     # no cluster found, or the coordinator never answered
             fail(f"--multihost: jax.distributed.initialize failed: {str(e).splitlines()[0]}")
+        joining.stop()
     if args.stage == "tokenize":
         return tokenize(args)
     return train(args)
