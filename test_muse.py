@@ -1833,8 +1833,8 @@ def test_a_prompt_gets_the_same_tokens_whatever_the_batch(tiny_base):
 
 def test_weight_decay_reaches_matrices_only_and_gradients_are_clipped():
     args = train.parse_args(["base", "--workdir", "w", "--weight_decay", "0.1", "--grad_clip", "1.0"])
-    tx = train.make_optimizer(args)
     params = {"dense": {"kernel": jnp.full((3, 4), 2.0), "bias": jnp.full((4,), 2.0)}, "norm": {"scale": jnp.ones(5)}}
+    tx = train.make_optimizer(args, params)
     zeros = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(zeros, tx.init(params), params)
     # no gradient: only the decay moves anything, and only the matrix (0.1 * 2.0)
@@ -1845,12 +1845,18 @@ def test_weight_decay_reaches_matrices_only_and_gradients_are_clipped():
     # the spike still dominates the second step's direction
     def second_step(grad_clip):
         tx = train.make_optimizer(train.parse_args(["base", "--workdir", "w", "--weight_decay", "0",
-                                                    "--grad_clip", str(grad_clip)]))
+                                                    "--grad_clip", str(grad_clip)]), params)
         state = tx.init(params)
         _, state = tx.update(jax.tree.map(lambda p: jnp.full_like(p, 1e6), params), state, params)
         step, _ = tx.update(jax.tree.map(lambda p: -jnp.ones_like(p), params), state, params)
         return float(step["dense"]["kernel"].mean())
     assert second_step(1.0) < 0 < second_step(1e30)
+    # the clipping is optax's, arithmetic and (empty) state alike, so old checkpoints still load
+    big = jax.tree.map(lambda p: jnp.full_like(p, 3.0), params)
+    ours, theirs = sharding.clip_by_global_norm(1.0), optax.clip_by_global_norm(1.0)
+    assert ours.init(params) == theirs.init(params)
+    for x, y in zip(jax.tree.leaves(ours.update(big, None)[0]), jax.tree.leaves(theirs.update(big, None)[0])):
+        np.testing.assert_array_equal(x, y)
 
 
 def test_center_crop_keeps_the_centre():
@@ -2313,6 +2319,16 @@ def test_tokenize_text_embeddings_stand_in_for_the_text_encoder(tmp_path, tiny_v
     with pytest.raises(ValueError):
         reader.next_batch(2)
     assert reader.counts["unreadable"] == 1
+
+
+def test_the_tpu_requirements_pin_the_tested_jax_inside_the_projects_range():
+    from packaging.requirements import Requirement
+    lines = [l.strip() for l in open(os.path.join(HERE, "requirements-tpu.txt")) if l.strip() and not l.startswith("#")]
+    assert "-r requirements.txt" in lines       # one pip resolve for jax[tpu] and the rest
+    tpu = next(Requirement(l) for l in lines if l.startswith("jax["))
+    base = next(Requirement(l) for l in open(os.path.join(HERE, "requirements.txt")) if l.startswith("jax"))
+    version = str(next(iter(tpu.specifier)).version)
+    assert tpu.extras == {"tpu"} and version == jax.__version__ and version in base.specifier
 
 
 def test_every_command_in_the_readme_parses():

@@ -61,7 +61,7 @@ import muse
 import shapes
 import sharding
 import vqgan
-from sharding import replicate, unreplicate
+from sharding import replicate
 from checkpoint import (CHECKPOINT, Parser, export, fail, finite, load_text_encoder, nonfinite, read_checkpoint,
                         read_tokenizer, save_checkpoint, seed, shape_mismatch, unwritable, weights, write_atomically)
 
@@ -150,9 +150,12 @@ def make_optimizer(args, params, sharded=False):
     (--shard_state): the updates will be applied to each device's slice of them
     (sharding.py), so the clipping norm is summed over the devices.
     """
-    # weight decay on matrices only: decaying norm scales and biases towards 0 only hurts
-    # (a tree of flags from the full shapes: sharded, every slice is flat)
-    decay_mask = jax.tree.map(lambda p: np.ndim(p) >= 2, params)
+    # weight decay on matrices only: decaying norm scales and biases towards 0 only hurts.
+    # Read from the full shapes (sharded, every slice is flat), for the tree the decay is
+    # handed: under --finetune_decoder's multi_transform the frozen parts are MaskedNodes.
+    ndims = jax.tree.map(np.ndim, params)
+    frozen = lambda x: isinstance(x, optax.MaskedNode)
+    decay_mask = lambda tree: jax.tree.map(lambda x, ndim: x if frozen(x) else ndim >= 2, tree, ndims, is_leaf=frozen)
     tx = optax.chain(sharding.clip_by_global_norm(args.grad_clip, sharded), optax.scale_by_adam(b1=0.9, b2=0.99),
                      optax.add_decayed_weights(args.weight_decay, mask=decay_mask))
     if getattr(args, "finetune_decoder", False):
