@@ -21,14 +21,17 @@ device gets its own slice; each device computes gradients on its slice and `lax.
 averages them, so every replica applies the same update and stays identical. Every loss
 here is a mean of per-example terms and every random draw is keyed by the example's
 global index, so the run does not depend on the device count: 1 device and 4 devices
-give the same losses (test_muse.py checks it).
+give the same losses (test_muse.py checks it). With --shard_state each device keeps only
+a slice of the weights and optimizer state instead (ZeRO; sharding.py), for models whose
+state does not fit one device, and trains the same; --remat trades compute for activations.
 
 Multi-host (TPU pods): start the same command on every host with `--multihost`; it calls
 `jax.distributed.initialize()`, each process renders only its rows of the global batch
 (rows [p * B/P, (p+1) * B/P) for process p of P) and feeds them to its local devices,
-pmap runs over all devices of all hosts, and only process 0 writes files (so --workdir must
-be shared, or at least readable by every host, for --resume). The hosts agree on one clock
-inside the step, so --time_limit stops them all at the same step. test_muse.py runs two
+pmap runs over all devices of all hosts, and only process 0 writes files, so --workdir must
+be a folder every host shares (each checks it before the first step). The hosts agree on one
+clock inside the step, so --time_limit stops them all at the same step; a signal on one host
+stops all of them with a checkpoint; a dead host ends the others after --host_timeout. test_muse.py runs two
 processes on one machine, joined over localhost (`--coordinator localhost:PORT
 --num_processes 2 --process_id I`; on CPUs JAX's collectives then go through gloo), and
 checks that they train exactly as one process does and that the run resumes on one host.
