@@ -11,6 +11,7 @@
 Runs on one CPU, on every local device of a GPU/TPU host, and on multi-host TPU pods (see
 "Multi-host" below). Each run writes into --workdir:
     checkpoint.msgpack   params, optimizer state, step, RNG and the full config (written atomically)
+    orbax/STEP/          instead, with --checkpoints orbax: the same, through Orbax (checkpoint.py)
     metrics.jsonl        one JSON object per logged step: step, loss, lr, images_per_sec, ...
     samples/NNNNNN.png   sample grids (vqgan: originals above reconstructions; base: prompts -> images;
                          superres: low-res tokens, their super-resolution, the high-res original)
