@@ -184,13 +184,18 @@ def is_remote(path):
     return "://" in str(path)
 
 
+def orbax_dir(workdir):
+    """The folder of an Orbax run's steps (joined by hand for gs://, which os.path does not know)."""
+    return f"{workdir.rstrip('/')}/{ORBAX}" if is_remote(workdir) else os.path.join(workdir, ORBAX)
+
+
 def run_format(workdir):
     """What a run folder holds: "msgpack" (checkpoint.msgpack), "orbax" (orbax/ with a complete
     step), or None."""
     if not is_remote(workdir):                  # (only Orbax writes to gs://)
         if os.path.isfile(os.path.join(workdir, CHECKPOINT)):
             return "msgpack"
-        if not os.path.isdir(os.path.join(workdir, ORBAX)):
+        if not os.path.isdir(orbax_dir(workdir)):
             return None
     manager = orbax_manager(workdir)
     try:
@@ -205,8 +210,7 @@ def orbax_manager(workdir, keep=None):
     import orbax.checkpoint as ocp              # (a second to import: only runs that use it pay)
     writing = keep is not None
     return ocp.CheckpointManager(
-        os.path.join(workdir, ORBAX) if not is_remote(workdir) else f"{workdir.rstrip('/')}/{ORBAX}",
-        options=ocp.CheckpointManagerOptions(
+        orbax_dir(workdir), options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=writing, enable_async_checkpointing=True,
             # a save killed midway leaves its temporary folder: the writer removes it
             cleanup_tmp_directories=writing))
@@ -234,7 +238,7 @@ def read_orbax(workdir):
         got = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
                                                             config=ocp.args.JsonRestore()))
     except Exception as e:                      # a step folder damaged after it was written
-        fail(f"{workdir}/{ORBAX}/{step} is not a readable Orbax checkpoint ({type(e).__name__}: "
+        fail(f"{orbax_dir(workdir)}/{step} is not a readable Orbax checkpoint ({type(e).__name__}: "
              f"{str(e).splitlines()[0][:200] if str(e) else ''})")
     finally:
         manager.close()
@@ -246,7 +250,7 @@ def read_checkpoint(path):
     latest step) as nested dicts: its checksum verified, its weights (params, consts) finite."""
     file = os.path.join(path, CHECKPOINT) if os.path.isdir(path) else path
     if (is_remote(path) or os.path.isdir(path)) and run_format(path) == "orbax":
-        file, ckpt = f"{path.rstrip('/')}/{ORBAX}", read_orbax(path)
+        file, ckpt = orbax_dir(path), read_orbax(path)
     elif not os.path.isfile(file):
         fail(f"no checkpoint at {path} (train one with `python train.py ...`, or pass --checkpoint DIR)")
     else:

@@ -67,8 +67,8 @@ import sharding
 import vqgan
 from sharding import replicate
 from checkpoint import (CHECKPOINT, ORBAX, Parser, export, fail, finite, is_remote, load_text_encoder, nonfinite,
-                        orbax_manager, read_checkpoint, read_tokenizer, run_format, save_checkpoint, save_orbax, seed,
-                        shape_mismatch, unwritable, weights, write_atomically)
+                        orbax_dir, orbax_manager, read_checkpoint, read_tokenizer, run_format, save_checkpoint,
+                        save_orbax, seed, shape_mismatch, unwritable, weights, write_atomically)
 
 # Every random draw here is keyed per example (example_keys) and none is sharded across
 # devices, which is all the default "partitionable" threefry PRNG is for; XLA:CPU compiles the
@@ -612,9 +612,7 @@ def tokenize(args):
 
 def checkpoint_path(args, fmt=None):
     """Where the run's checkpoints are, in the format `fmt` (default: --checkpoints's)."""
-    if (fmt or args.checkpoints) == "orbax":
-        return f"{args.workdir.rstrip('/')}/{ORBAX}" if is_remote(args.workdir) else os.path.join(args.workdir, ORBAX)
-    return os.path.join(args.workdir, CHECKPOINT)
+    return orbax_dir(args.workdir) if (fmt or args.checkpoints) == "orbax" else os.path.join(args.workdir, CHECKPOINT)
 
 
 def make_or_resume_run(args, n_global):
