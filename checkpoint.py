@@ -21,6 +21,16 @@ What can go wrong, and what happens then:
     (checkpoints written before the checksum existed still load, unchecked);
   - weights that are not finite: never written (train.py checks before saving), and refused
     on reading, so a broken run cannot hand its NaNs to sampling, --init or --vqgan.
+
+`train.py --checkpoints orbax` stores the same contents through Orbax instead (orbax-checkpoint,
+which flax depends on, so no new dependency), one folder per step, the last --keep of them:
+    runs/base/orbax/STEP/{state,config}          "state": everything above but the config (an Orbax
+                                                 PyTree of numpy arrays); "config": the same JSON
+Orbax writes a step to a temporary folder and renames it once complete, so a kill mid-save leaves
+the previous step loadable; the write runs in the background while training goes on; every
+process takes part (process 0 writes the arrays, which are full and the same on every host);
+and Orbax's storage layer (tensorstore, etils.epath) reaches gs:// paths. read_checkpoint reads
+a run's latest step, so export, sampling, --init and --vqgan take either format.
 """
 import argparse
 import contextlib
@@ -41,6 +51,7 @@ import muse
 import vqgan
 
 CHECKPOINT = "checkpoint.msgpack"
+ORBAX = "orbax"                             # the folder of an Orbax run's steps, in its workdir
 
 
 # -----------------------------------------------------------------------------
@@ -145,37 +156,114 @@ def write_checkpoint(path, payload):
                                                              "payload": body}))
 
 
-def save_checkpoint(workdir, state, consts, config, rng):
-    """A training checkpoint: state {"params", "opt_state", "step"}, the frozen `consts`, the run's config."""
+def checkpoint_payload(state, consts, rng, where):
+    """What a training checkpoint holds but its config, on the host: state {"params",
+    "opt_state", "step"[, "ema"]}, the frozen `consts`, the run's PRNG key. Refuses weights
+    that are not finite (train.py checks first; this is the last line of defence)."""
     payload = jax.tree.map(np.asarray, {
         "step": state["step"], "rng": rng,
         "params": state["params"], "opt_state": serialization.to_state_dict(state["opt_state"]),
         "consts": {k: consts[k] for k in ("vqgan", "vqgan_hr", "t5") if k in consts}})
     if "ema" in state:
         payload["ema"] = jax.tree.map(np.asarray, state["ema"])
-    payload["config"] = json.dumps(config)
     bad = nonfinite({"params": payload["params"], "opt_state": payload["opt_state"]})
-    if bad:                                     # train.py checks first; this is the last line of defence
-        fail(f"not writing a checkpoint of step {int(state['step'])} to {workdir}: {bad} is not finite")
+    if bad:
+        fail(f"not writing a checkpoint of step {int(state['step'])} to {where}: {bad} is not finite")
+    return payload
+
+
+def save_checkpoint(workdir, state, consts, config, rng):
+    """A training checkpoint: state {"params", "opt_state", "step"}, the frozen `consts`, the run's config."""
+    payload = checkpoint_payload(state, consts, rng, workdir)
+    payload["config"] = json.dumps(config)
     write_checkpoint(os.path.join(workdir, CHECKPOINT), payload)
 
 
-def read_checkpoint(path):
-    """The raw contents of a checkpoint (a workdir or its checkpoint.msgpack) as nested dicts:
-    its checksum verified, its weights (params, consts) finite."""
-    file = os.path.join(path, CHECKPOINT) if os.path.isdir(path) else path
-    if not os.path.isfile(file):
-        fail(f"no checkpoint at {path} (train one with `python train.py ...`, or pass --checkpoint DIR)")
+def is_remote(path):
+    """A path that only Orbax's storage layer can reach (gs://bucket/run), not the os module."""
+    return "://" in str(path)
+
+
+def orbax_dir(workdir):
+    """The folder of an Orbax run's steps (joined by hand for gs://, which os.path does not know)."""
+    return f"{workdir.rstrip('/')}/{ORBAX}" if is_remote(workdir) else os.path.join(workdir, ORBAX)
+
+
+def run_format(workdir):
+    """What a run folder holds: "msgpack" (checkpoint.msgpack), "orbax" (orbax/ with a complete
+    step), or None."""
+    if not is_remote(workdir):                  # (only Orbax writes to gs://)
+        if os.path.isfile(os.path.join(workdir, CHECKPOINT)):
+            return "msgpack"
+        if not os.path.isdir(orbax_dir(workdir)):
+            return None
+    manager = orbax_manager(workdir)
     try:
-        with open(file, "rb") as f:
-            ckpt = serialization.msgpack_restore(f.read())
-        if set(ckpt) == {"sha256", "payload"}:
-            if hashlib.sha256(ckpt["payload"]).hexdigest() != ckpt["sha256"]:
-                fail(f"{file} is damaged: its contents do not match the checksum written with them")
-            ckpt = serialization.msgpack_restore(ckpt["payload"])
-        ckpt["config"] = json.loads(ckpt["config"])
-    except Exception as e:                      # truncated, or not a checkpoint at all
-        fail(f"{file} is not a readable checkpoint ({type(e).__name__}: {e})")
+        return "orbax" if manager.latest_step() is not None else None
+    finally:
+        manager.close()
+
+
+def orbax_manager(workdir, keep=None):
+    """The Orbax CheckpointManager of a run's steps; keep=N: the one that writes them (the last N
+    kept, saved in the background). Every process of a multi-host run must make it, in step."""
+    import orbax.checkpoint as ocp              # (a second to import: only runs that use it pay)
+    writing = keep is not None
+    return ocp.CheckpointManager(
+        orbax_dir(workdir), options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=writing, enable_async_checkpointing=True,
+            # a save killed midway leaves its temporary folder: the writer removes it
+            cleanup_tmp_directories=writing))
+
+
+def save_orbax(manager, state, consts, config, rng):
+    """The step's checkpoint through Orbax, in the background: save() returns once the arrays
+    are copied (it first waits for the previous save to finish); wait_until_finished() ends it."""
+    import orbax.checkpoint as ocp
+    payload = checkpoint_payload(state, consts, rng, manager.directory)
+    manager.save(int(state["step"]), args=ocp.args.Composite(
+        state=ocp.args.StandardSave(payload),
+        config=ocp.args.JsonSave(json.loads(json.dumps(config)))))   # a copy: train.py edits its config
+
+
+def read_orbax(workdir):
+    """The latest step of an Orbax run, as read_checkpoint returns a msgpack one (numpy arrays,
+    whatever the device count that wrote them)."""
+    import orbax.checkpoint as ocp
+    manager = orbax_manager(workdir)
+    step = manager.latest_step()
+    if step is None:
+        fail(f"no checkpoint at {workdir} (its {ORBAX}/ folder holds no complete step)")
+    try:
+        got = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                            config=ocp.args.JsonRestore()))
+    except Exception as e:                      # a step folder damaged after it was written
+        fail(f"{orbax_dir(workdir)}/{step} is not a readable Orbax checkpoint ({type(e).__name__}: "
+             f"{str(e).splitlines()[0][:200] if str(e) else ''})")
+    finally:
+        manager.close()
+    return dict(got["state"], config=got["config"])
+
+
+def read_checkpoint(path):
+    """The raw contents of a checkpoint (a workdir or its checkpoint.msgpack; an Orbax run's
+    latest step) as nested dicts: its checksum verified, its weights (params, consts) finite."""
+    file = os.path.join(path, CHECKPOINT) if os.path.isdir(path) else path
+    if (is_remote(path) or os.path.isdir(path)) and run_format(path) == "orbax":
+        file, ckpt = orbax_dir(path), read_orbax(path)
+    elif not os.path.isfile(file):
+        fail(f"no checkpoint at {path} (train one with `python train.py ...`, or pass --checkpoint DIR)")
+    else:
+        try:
+            with open(file, "rb") as f:
+                ckpt = serialization.msgpack_restore(f.read())
+            if set(ckpt) == {"sha256", "payload"}:
+                if hashlib.sha256(ckpt["payload"]).hexdigest() != ckpt["sha256"]:
+                    fail(f"{file} is damaged: its contents do not match the checksum written with them")
+                ckpt = serialization.msgpack_restore(ckpt["payload"])
+            ckpt["config"] = json.loads(ckpt["config"])
+        except Exception as e:                  # truncated, or not a checkpoint at all
+            fail(f"{file} is not a readable checkpoint ({type(e).__name__}: {e})")
     bad = nonfinite({"params": ckpt.get("params", {}), "consts": ckpt.get("consts", {})})
     if bad:
         fail(f"{file} holds weights that are not finite ({bad}): the run diverged before it was saved")

@@ -956,6 +956,79 @@ def test_two_hosts_train_as_one_host_and_resume_on_one_unsharded(tmp_path, tiny_
     assert 1 < step < 100000
 
 
+def _orbax_steps(workdir):
+    """The step folders in an Orbax run: (committed steps, names of uncommitted temporary folders)."""
+    names = sorted(os.listdir(os.path.join(workdir, "orbax")))
+    return sorted(int(n) for n in names if n.isdigit()), [n for n in names if not n.isdigit()]
+
+
+def test_orbax_checkpoints_survive_a_torn_save_and_resume_exactly_on_other_device_counts(tmp_path, tiny_vqgan,
+                                                                                        monkeypatch, capsys):
+    """--checkpoints orbax: the last --keep steps, saved in the background; a save that dies
+    before its commit leaves the previous step loadable; the run resumes on 2 devices where a
+    straight msgpack run on 4 ends; export and load_stage read it; the wrong format is one line."""
+    from orbax.checkpoint._src.path import atomicity
+    base = ["--vqgan", str(tiny_vqgan), "--decay_steps", "6", "--ema_decay", "0.9"]
+    orbax = ["--checkpoints", "orbax", "--ckpt_every", "1", "--keep", "2"]
+    straight = _train(tmp_path / "a", "base", *base, "--steps", "6")
+    # the write of step 5 completes in its temporary folder, but the process dies before the rename
+    commit = atomicity.AtomicRenameTemporaryPath.finalize
+    async def killed_before_commit(self):
+        if self.get_final().name == "5":
+            raise OSError("killed mid-save")
+        return await commit(self)
+    monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", killed_before_commit)
+    with pytest.raises(Exception, match="killed mid-save"):
+        _train(tmp_path / "b", "base", *base, *orbax, "--steps", "5")
+    monkeypatch.undo()
+    steps, tmp = _orbax_steps(tmp_path / "b")
+    assert steps == [3, 4] and len(tmp) == 1 and tmp[0].startswith("5.orbax-checkpoint-tmp"), (steps, tmp)
+    assert int(checkpoint.read_checkpoint(str(tmp_path / "b"))["step"]) == 4
+    capsys.readouterr()
+    # the wrong format, either way: one line that names the flag
+    for run, flags, want in (("b", [], "pass --checkpoints orbax"), ("a", ["--checkpoints", "orbax"],
+                                                                       "pass --checkpoints msgpack")):
+        with pytest.raises(SystemExit):
+            _train(tmp_path / run, "base", *base, "--steps", "6", "--resume", *flags)
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and want in errors[0] and "Traceback" not in err, err
+    resumed = _train(tmp_path / "b", "base", *base, *orbax, "--steps", "6", "--resume", "--num_devices", "2")
+    assert _orbax_steps(tmp_path / "b") == ([5, 6], [])      # the torn folder is gone, two steps kept
+    a, b = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
+    assert [r["step"] for r in b] == list(range(1, 7))
+    np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-5, atol=1e-5)
+    for tree in ("params", "ema", "opt_state"):
+        for x, y in zip(jax.tree.leaves(straight[tree]), jax.tree.leaves(resumed[tree])):
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+    final = checkpoint.read_checkpoint(str(tmp_path / "b"))
+    assert int(final["step"]) == 6 and final["config"]["checkpoints"] == "orbax"
+    for x, y in zip(jax.tree.leaves(final["ema"]), jax.tree.leaves(resumed["ema"])):
+        np.testing.assert_array_equal(x, y)
+    # export turns it into the msgpack shipping format; sampling reads it as it is
+    train.main(["export", "--workdir", str(tmp_path / "b"), "--out", str(tmp_path / "ship")])
+    shipped = checkpoint.read_checkpoint(str(tmp_path / "ship"))
+    for x, y in zip(jax.tree.leaves(shipped["params"]), jax.tree.leaves(final["ema"])):
+        np.testing.assert_array_equal(x, y.astype(np.float16).astype(np.float32))
+    for x, y in zip(jax.tree.leaves(checkpoint.load_stage(str(tmp_path / "b"), "base").params),
+                    jax.tree.leaves(final["ema"])):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_two_hosts_save_orbax_checkpoints_that_resume_on_one(tmp_path, tiny_vqgan):
+    # every process calls Orbax's save (process 0 writes the arrays); unsharded, each host
+    # holds the full state
+    _hosts(tmp_path / "two", tiny_vqgan, "--steps", "3", "--checkpoints", "orbax", "--ckpt_every", "2")
+    assert _orbax_steps(tmp_path / "two") == ([2, 3], [])
+    resumed = _train(tmp_path / "two", "base", "--vqgan", str(tiny_vqgan), "--steps", "4", "--resume",
+                     "--checkpoints", "orbax")
+    assert [r["step"] for r in _metrics(tmp_path / "two")] == [1, 2, 3, 4]
+    assert _orbax_steps(tmp_path / "two") == ([2, 3, 4], [])
+    for x, y in zip(jax.tree.leaves(checkpoint.read_checkpoint(str(tmp_path / "two"))["params"]),
+                    jax.tree.leaves(resumed["params"])):
+        np.testing.assert_array_equal(x, y)
+
+
 def test_base_model_overfits_a_handful_of_captions(tmp_path, tiny_vqgan):
     _train(tmp_path, "base", "--vqgan", str(tiny_vqgan), "--steps", "150", "--num_examples", "4",
            "--lr", "3e-3", "--warmup", "10", "--weight_decay", "0")

@@ -11,6 +11,7 @@
 Runs on one CPU, on every local device of a GPU/TPU host, and on multi-host TPU pods (see
 "Multi-host" below). Each run writes into --workdir:
     checkpoint.msgpack   params, optimizer state, step, RNG and the full config (written atomically)
+    orbax/STEP/          instead, with --checkpoints orbax: the same, through Orbax (checkpoint.py)
     metrics.jsonl        one JSON object per logged step: step, loss, lr, images_per_sec, ...
     samples/NNNNNN.png   sample grids (vqgan: originals above reconstructions; base: prompts -> images;
                          superres: low-res tokens, their super-resolution, the high-res original)
@@ -65,8 +66,9 @@ import shapes
 import sharding
 import vqgan
 from sharding import replicate
-from checkpoint import (CHECKPOINT, Parser, export, fail, finite, load_text_encoder, nonfinite, read_checkpoint,
-                        read_tokenizer, save_checkpoint, seed, shape_mismatch, unwritable, weights, write_atomically)
+from checkpoint import (CHECKPOINT, ORBAX, Parser, export, fail, finite, is_remote, load_text_encoder, nonfinite,
+                        orbax_dir, orbax_manager, read_checkpoint, read_tokenizer, run_format, save_checkpoint,
+                        save_orbax, seed, shape_mismatch, unwritable, weights, write_atomically)
 
 # Every random draw here is keyed per example (example_keys) and none is sharded across
 # devices, which is all the default "partitionable" threefry PRNG is for; XLA:CPU compiles the
@@ -608,6 +610,11 @@ def tokenize(args):
 # Make or resume the run
 # -----------------------------------------------------------------------------
 
+def checkpoint_path(args, fmt=None):
+    """Where the run's checkpoints are, in the format `fmt` (default: --checkpoints's)."""
+    return orbax_dir(args.workdir) if (fmt or args.checkpoints) == "orbax" else os.path.join(args.workdir, CHECKPOINT)
+
+
 def make_or_resume_run(args, n_global):
     """The run in --workdir, new or resumed (--resume): -> (config, consts, setup, tx, state, rng).
 
@@ -617,11 +624,16 @@ def make_or_resume_run(args, n_global):
     {"params", "opt_state", "step"} on the host; setup is setup_vqgan's or setup_transformer's.
     """
     is_main = jax.process_index() == 0
-    ckpt_path = os.path.join(args.workdir, CHECKPOINT)
+    ckpt_path = checkpoint_path(args)
     stream = {"data": args.data, "processes": jax.process_count()}   # what a resume compares against
+    found = run_format(args.workdir)            # (every process reads it: Orbax wants them all)
     if args.resume:
-        if not os.path.exists(ckpt_path):
+        if found is None:
             fail(f"--resume: no checkpoint at {ckpt_path}")
+        if found != args.checkpoints:
+            there = f"{CHECKPOINT} (msgpack)" if found == "msgpack" else f"Orbax steps in {ORBAX}/"
+            fail(f"--resume: {args.workdir} holds {there}, not {args.checkpoints} checkpoints; "
+                 f"pass --checkpoints {found}" + (" (the default)" if found == "msgpack" else ""))
         ckpt = read_checkpoint(args.workdir)
         config = ckpt["config"]
         if config["stage"] != args.stage:
@@ -649,10 +661,11 @@ def make_or_resume_run(args, n_global):
                   f"it goes on with --data {args.data} on {stream['processes']}, so not with the samples it "
                   f"would have seen next", file=sys.stderr)
     else:
-        if os.path.exists(ckpt_path):
-            fail(f"{ckpt_path} exists: pass --resume to continue it, or choose another --workdir")
+        if found is not None:
+            fail(f"{checkpoint_path(args, found)} exists: pass --resume to continue it, or choose another --workdir")
         config, consts = new_run(args)
     config["data_stream"] = stream
+    config["checkpoints"] = args.checkpoints    # how the run is stored (a resume checks it)
     if "muse" in config:                        # a memory/compute trade, not part of the trajectory:
         config["muse"]["remat"] = args.remat    # a resumed run may switch it
     # (checked here, after a resume has restored the checkpoint's --batch_size)
@@ -697,7 +710,7 @@ def make_or_resume_run(args, n_global):
             fail(f"--resume: {ckpt_path} holds weights that do not match its stored config "
                  f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
         rng = jnp.asarray(ckpt["rng"], jnp.uint32)
-        if is_main:                             # (process 0 alone writes the run's files)
+        if is_main and not is_remote(args.workdir):   # (process 0 alone writes the run's files)
             truncate_metrics(args.workdir, state["step"])
     if is_main:
         n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
@@ -793,14 +806,19 @@ def check_hosts_agree(args):
     from jax.experimental import multihost_utils
     path = os.path.join(args.workdir, ".hosts_token")
     token = np.frombuffer(os.urandom(16), np.uint8)
-    if jax.process_index() == 0:
+    # a gs:// bucket is the same storage for every host by its name, and the os module cannot
+    # reach it: its check is skipped
+    remote = is_remote(args.workdir)
+    if jax.process_index() == 0 and not remote:
         write_atomically(path, token.tobytes())
     token = np.asarray(multihost_utils.broadcast_one_to_all(token))                # process 0's
-    try:
-        with open(path, "rb") as f:
-            same_folder = f.read() == token.tobytes()
-    except OSError:
-        same_folder = False
+    same_folder = remote
+    if not remote:
+        try:
+            with open(path, "rb") as f:
+                same_folder = f.read() == token.tobytes()
+        except OSError:
+            pass
     shards = data.find_shards(args.data) if data.is_real_data(args.data) and not os.path.isdir(args.data) \
         else [args.data]
     digest = np.frombuffer(hashlib.sha256("\n".join(shards).encode()).digest()[:8], np.uint8)
@@ -852,11 +870,21 @@ def train(args):
     devices = jax.local_devices()[:n_dev] if args.num_devices else None
     n_global = n_dev * jax.process_count()
     is_main = jax.process_index() == 0
-    os.makedirs(args.workdir, exist_ok=True)
-    ckpt_path = os.path.join(args.workdir, CHECKPOINT)
+    if not is_remote(args.workdir):             # (Orbax makes the folders of a gs:// run)
+        os.makedirs(args.workdir, exist_ok=True)
+    ckpt_path = checkpoint_path(args)
     if jax.process_count() > 1:
         check_hosts_agree(args)
     config, consts, setup, tx, state, rng = make_or_resume_run(args, n_global)
+    # --checkpoints orbax: every process saves with Orbax (process 0 writes the arrays; the
+    # others take part in its commit), in the background
+    manager = orbax_manager(args.workdir, args.keep) if args.checkpoints == "orbax" else None
+
+    def save(host_state):
+        if manager:
+            save_orbax(manager, host_state, consts, config, rng)
+        elif is_main:
+            save_checkpoint(args.workdir, host_state, consts, config, rng)
     start = int(state["step"])
     rows = args.batch_size // n_global                          # this device's rows per step
     # --shard_state: the devices hold slices of the state (sharding.py), of the full shapes here
@@ -914,7 +942,13 @@ def train(args):
     # (a SIGINT that the shell ignores, as under nohup, stays ignored)
     handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
                 if signal.getsignal(sig) is not signal.SIG_IGN}
-    metrics_file = open(os.path.join(args.workdir, "metrics.jsonl"), "a") if is_main else None
+    # a gs:// run folder gets its checkpoints only: the metrics and sample grids are plain files
+    # (a bucket mounted with gcsfuse is a local path, and keeps them all)
+    plain_files = is_main and not is_remote(args.workdir)
+    if is_main and not plain_files:
+        print(f"--workdir {args.workdir}: the checkpoints go there through Orbax; metrics.jsonl and the "
+              "sample grids are not written (a bucket mounted with gcsfuse keeps them)")
+    metrics_file = open(os.path.join(args.workdir, "metrics.jsonl"), "a") if plain_files else None
     pool = ThreadPoolExecutor(max_workers=1)    # renders the next batch while the device trains
     future = pool.submit(fetch, start)
     bar = tqdm(initial=start, total=args.steps, disable=not is_main, dynamic_ncols=True)
@@ -945,7 +979,7 @@ def train(args):
                 tqdm.write("compiling the train step (the first step takes a while)...")
             # the weights this step runs on, kept on the host until the step has vouched for them
             to_save = sharding.host_state(rep_state, like, devices) \
-                if step > start and step % args.ckpt_every == 0 and (is_main or like) else None
+                if step > start and step % args.ckpt_every == 0 and (is_main or like or manager) else None
             t0 = time.time()
             clock = replicate(np.float32(t0 - t_begin), n_dev)
             stop = replicate(np.float32(bool(requested)), n_dev)
@@ -995,13 +1029,12 @@ def train(args):
                     tqdm.write(f"warning: step {step}: {alarm}")
                     gan[2] = step + 1000        # said once a thousand steps at most
             if step > start and step % args.ckpt_every == 0:
-                if is_main:
-                    save_checkpoint(args.workdir, to_save, consts, config, rng)
+                save(to_save)
                 last_ckpt = step
             done = step + 1
             ips = n_images / max(time.time() - t_last, 1e-9)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", img_s=f"{ips:.1f}")
-            if is_main and (done % args.log_every == 0 or done == args.steps):
+            if plain_files and (done % args.log_every == 0 or done == args.steps):
                 row = {"step": done, **metrics, "images_per_sec": ips}
                 if reader is not None:          # skipped-and-counted records (data.py), this host's
                     row.update({f"data_{k}": v for k, v in reader.counts.items()}, data_epoch=reader.epoch)
@@ -1015,13 +1048,12 @@ def train(args):
                     fail(f"the weights after step {step} are not finite ({bad}); the last good checkpoint "
                          f"is {ckpt_path} (step {last_ckpt})" if last_ckpt is not None else
                          f"the weights after step {step} are not finite ({bad}); no checkpoint was written")
-                if is_main:
-                    save_checkpoint(args.workdir, final, consts, config, rng)
+                save(final)
                 last_ckpt = done
             if args.sample_every and not stopped_by and (done % args.sample_every == 0 or done == args.steps) \
-                    and (is_main or like):          # (sharded, every host takes part in the gather)
+                    and (plain_files or like):      # (sharded, every host takes part in the gather)
                 host_state = sharding.host_state(rep_state, like, devices)  # its EMA weights, if any, ship
-                if is_main:
+                if plain_files:
                     os.makedirs(os.path.join(args.workdir, "samples"), exist_ok=True)
                     setup["sample_grid"](host_state.get("ema", host_state["params"]), consts, sample_batch,
                                          os.path.join(args.workdir, "samples", f"{done:06d}.png"))
@@ -1031,6 +1063,9 @@ def train(args):
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+        if manager:                             # (also on the way out of a fail: the last save completes)
+            manager.wait_until_finished()
+            manager.close()
     bar.close()
     pool.shutdown()
     if workers:
@@ -1102,6 +1137,10 @@ def parse_args(argv=None):
                         "export, the sample grids and sampling use it")
     p.add_argument("--log_every", type=int, default=10, help="write metrics.jsonl every N steps")
     p.add_argument("--ckpt_every", type=int, default=500, help="write the checkpoint every N steps")
+    p.add_argument("--checkpoints", default="msgpack", choices=["msgpack", "orbax"],
+                   help="msgpack: one checkpoint.msgpack, replaced at each save; orbax: steps in WORKDIR/orbax/ "
+                        "through Orbax, saved in the background, the last --keep kept; gs:// workdirs")
+    p.add_argument("--keep", type=int, default=3, help="--checkpoints orbax: how many steps to keep")
     p.add_argument("--sample_every", type=int, default=500, help="write a sample grid every N steps (0: never)")
     p.add_argument("--holdout", default="",
                    help='shapes: comma-separated "colour shape" pairs never drawn in relations (held-out test)')
@@ -1158,7 +1197,7 @@ def parse_args(argv=None):
                       ("shuffle_buffer", 1), ("shard_size", 1), ("num_examples", 0), ("sample_every", 0),
                       ("warmup", 0), ("disc_start", 0), ("data_workers", 0), ("decay_steps", 1),
                       ("num_devices", 1), ("lr", 0), ("weight_decay", 0), ("time_limit", 0), ("adv_weight", 0),
-                      ("init_timeout", 1), ("host_timeout", 1)):
+                      ("init_timeout", 1), ("host_timeout", 1), ("keep", 1)):
         if getattr(args, flag) is not None and getattr(args, flag) < low:
             p.error(f"--{flag} must be at least {low}, not {getattr(args, flag)}")
     if args.grad_clip <= 0:
@@ -1170,7 +1209,9 @@ def parse_args(argv=None):
                 f"(colours: {', '.join(shapes.COLORS)}; shapes: {', '.join(shapes.SHAPES)})")
     out = {"vqgan": args.workdir, "base": args.workdir, "superres": args.workdir, "export": args.out,
            "tokenize": args.out}[args.stage]
-    if out and unwritable(out):
+    if args.stage in ("vqgan", "base", "superres") and is_remote(args.workdir) and args.checkpoints != "orbax":
+        p.error(f"--workdir {args.workdir}: only --checkpoints orbax writes to remote storage")
+    if out and not is_remote(out) and unwritable(out):
         p.error(f"--{'workdir' if args.stage in ('vqgan', 'base', 'superres') else 'out'}: {unwritable(out)}")
     args.explicit_decay_steps = args.decay_steps    # --resume keeps the run's horizon unless this is given
     if args.decay_steps is None:
