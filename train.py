@@ -1061,6 +1061,8 @@ def train(args):
                 watchdog.beat()
             step = done
     finally:
+        if watchdog:                            # (the writes and the hosts' shutdown that follow take their time)
+            watchdog.stop()
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
         if manager:                             # (also on the way out of a fail: the last save completes)
