@@ -1016,9 +1016,10 @@ def test_orbax_checkpoints_survive_a_torn_save_and_resume_exactly_on_other_devic
 
 
 def test_two_hosts_save_orbax_checkpoints_that_resume_on_one(tmp_path, tiny_vqgan):
-    # every process calls Orbax's save (process 0 writes the arrays); unsharded, each host
-    # holds the full state
-    _hosts(tmp_path / "two", tiny_vqgan, "--steps", "3", "--checkpoints", "orbax", "--ckpt_every", "2")
+    # every process calls Orbax's save (process 0 writes the arrays); sharded, each host first
+    # gathers the others' slices into the full state; the run resumes unsharded on one host
+    _hosts(tmp_path / "two", tiny_vqgan, "--steps", "3", "--checkpoints", "orbax", "--ckpt_every", "2",
+           "--shard_state")
     assert _orbax_steps(tmp_path / "two") == ([2, 3], [])
     resumed = _train(tmp_path / "two", "base", "--vqgan", str(tiny_vqgan), "--steps", "4", "--resume",
                      "--checkpoints", "orbax")
