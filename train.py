@@ -783,11 +783,10 @@ def make_train_step(loss_fn, tx, args, rows, shapes=None, dtype=None):
     return train_step
 
 
-def gather_dtype(args, config):
+def gather_dtype(config):
     """The dtype --shard_state gathers the weights in: the transformers' compute dtype (so
     their gradients come back in it too), float32 for the tokenizer."""
     return jnp.dtype(config["muse"]["dtype"]) if "muse" in config else jnp.float32
-
 
 
 # -----------------------------------------------------------------------------
@@ -838,8 +837,9 @@ class Watchdog:
     for `limit` seconds. A dead host leaves the others waiting in the step's all-reduce;
     without this they wait for JAX's heartbeat timeout and die in a C++ abort with a stack
     trace (so does a host whose peers never join jax.distributed.initialize). During
-    training the clock starts after the first (compiling) step and stops while this host
-    writes files; a host waiting for process 0's checkpoint write counts that time, so
+    training the clock starts after the first (compiling) step and is reset after each step
+    and after this host's own file writing, so a step and a write are each timed alone; a
+    host waiting for process 0's checkpoint write in its next step counts that time, so
     --host_timeout must exceed it."""
 
     def __init__(self, limit, message):
@@ -891,7 +891,7 @@ def train(args):
     like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), state) \
         if args.shard_state else None
     train_step = make_train_step(setup["loss_fn"], tx, args, rows, like["params"] if like else None,
-                                 gather_dtype(args, config))
+                                 gather_dtype(config))
 
     p_step = jax.pmap(train_step, axis_name="batch", devices=devices, donate_argnums=(0,))
     # Through a pmapped identity over the same axis once, so that the state already has the
@@ -960,7 +960,9 @@ def train(args):
     stopped_by = None                           # the signal that ended the run early
     gan = [[], [], 0]                           # the GAN term's last d_loss, g_adv; the step of the next warning
     sample_batch = None                         # the run's first host batch: the sample grids show it
-    kept = lambda: f"the last checkpoint is {ckpt_path} (step {last_ckpt})" if last_ckpt is not None \
+    final = None                                # the state after the latest step, on the host, once gathered
+    # what a run that stops here leaves (the NaN guard's, the watchdog's and the final check's words)
+    kept = lambda: f"the last good checkpoint is {ckpt_path} (step {last_ckpt})" if last_ckpt is not None \
         else "no checkpoint was written yet"
     watchdog = Watchdog(args.host_timeout, lambda: f"no step finished in {args.host_timeout:.0f}s (--host_timeout): "
                         f"another host has died or hangs; {kept()}; restart every host with --resume") \
@@ -1016,11 +1018,9 @@ def train(args):
             bar.update(1)
             if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
                 bar.close()
-                kept = f"the last good checkpoint is {ckpt_path} (step {last_ckpt})" if last_ckpt is not None \
-                    else "no checkpoint was written yet"
                 what = "loss" if not np.isfinite(metrics["loss"]) else "gradient norm"
                 fail(f"{what} is {metrics['loss' if what == 'loss' else 'grad_norm']} at step {step}; "
-                     f"stopping, {kept}")
+                     f"stopping, {kept()}")
             if "g_adv" in metrics and step >= args.disc_start:
                 gan[0] = gan[0][-GAN_WINDOW + 1:] + [metrics["d_loss"]]
                 gan[1] = gan[1][-GAN_WINDOW + 1:] + [metrics["g_adv"]]
@@ -1040,24 +1040,24 @@ def train(args):
                     row.update({f"data_{k}": v for k, v in reader.counts.items()}, data_epoch=reader.epoch)
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
+            final = None                        # (gathered at most once a step: sharded, the whole state moves)
             if done == args.steps and last_ckpt != done:
                 # the last weights have no next step to vouch for them: they must at least be finite
                 final = sharding.host_state(rep_state, like, devices)
                 bad = nonfinite(final["params"])
                 if bad:
-                    fail(f"the weights after step {step} are not finite ({bad}); the last good checkpoint "
-                         f"is {ckpt_path} (step {last_ckpt})" if last_ckpt is not None else
-                         f"the weights after step {step} are not finite ({bad}); no checkpoint was written")
+                    fail(f"the weights after step {step} are not finite ({bad}); {kept()}")
                 save(final)
                 last_ckpt = done
             if args.sample_every and not stopped_by and (done % args.sample_every == 0 or done == args.steps) \
                     and (plain_files or like):      # (sharded, every host takes part in the gather)
-                host_state = sharding.host_state(rep_state, like, devices)  # its EMA weights, if any, ship
-                if plain_files:
+                if final is None:
+                    final = sharding.host_state(rep_state, like, devices)
+                if plain_files:                 # (its EMA weights, if any: they ship)
                     os.makedirs(os.path.join(args.workdir, "samples"), exist_ok=True)
-                    setup["sample_grid"](host_state.get("ema", host_state["params"]), consts, sample_batch,
+                    setup["sample_grid"](final.get("ema", final["params"]), consts, sample_batch,
                                          os.path.join(args.workdir, "samples", f"{done:06d}.png"))
-            if watchdog:                        # (this host's own writing does not count)
+            if watchdog:                        # (this host's own writing is not added to the next step's time)
                 watchdog.beat()
             step = done
     finally:
@@ -1077,7 +1077,7 @@ def train(args):
     if stopped_by and is_main:
         print(f"stopped by {stopped_by} after step {args.steps}: checkpoint in {ckpt_path}; "
               f"continue with --resume")
-    return sharding.host_state(rep_state, like, devices)
+    return final if final is not None else sharding.host_state(rep_state, like, devices)
 
 
 def parse_args(argv=None):
