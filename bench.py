@@ -419,12 +419,13 @@ def train_memory(args):
     into micro-batches is a CPU speed path). --batch_size is per device here.
 
     The figures: the state's bytes per device by arithmetic (weights, AdamW's moments; the
-    gradients and, sharded, the gathered weights that live during the step only), and XLA's
+    gradients and, sharded, the gathered weights that live during the step only); the
+    activations the forward pass keeps for the backward one, counted by JAX
+    (saved_for_backward); "estimate", their sum, which "fits" reads with HEADROOM; and XLA's
     own buffer assignment of the compiled step (compiled.memory_analysis()): arguments,
-    outputs, temporaries (activations, gradients, gathered weights) and the peak,
-    arguments + outputs - aliased (the donated state) + temporaries. XLA:CPU's buffer
-    assignment is not TPU's or GPU's (their fusion and scheduling differ), so treat the peak
-    as an estimate to within some tens of percent; the arithmetic holds anywhere.
+    outputs, temporaries and the peak, arguments + outputs - aliased (the donated state) +
+    temporaries. XLA:CPU's assignment is not TPU's or GPU's: it does not show --remat's
+    saving at all (docs/results.md, "Memory per device on a pod"), hence the estimate.
     """
     n = args.devices
     if n > jax.device_count():
