@@ -950,7 +950,7 @@ def test_two_hosts_train_as_one_host_and_resume_on_one_unsharded(tmp_path, tiny_
     # --time_limit: the hosts stop at the same step (a host that stopped alone would leave
     # the other waiting in the gradient all-reduce, and _hosts would time out). How many
     # steps fit depends on the machine's load, so only the agreement is checked.
-    _hosts(tmp_path / "timed", tiny_vqgan, "--steps", "100000", "--time_limit", "15")
+    _hosts(tmp_path / "timed", tiny_vqgan, "--steps", "100000", "--time_limit", "12")
     step = int(checkpoint.read_checkpoint(str(tmp_path / "timed"))["step"])
     assert [r["step"] for r in _metrics(tmp_path / "timed")] == list(range(1, step + 1))
     assert 1 < step < 100000
@@ -1141,8 +1141,8 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth():
 
 
 def test_time_limit_fits_the_run_and_its_schedule(tmp_path, tiny_vqgan):
-    # (20 s of wall time, the compile included: the step is the tiny base model's of other tests)
-    _train(tmp_path, "base", "--vqgan", str(tiny_vqgan), "--steps", "100000", "--time_limit", "20")
+    # (12 s of wall time, the compile included: the step is the tiny base model's of other tests)
+    _train(tmp_path, "base", "--vqgan", str(tiny_vqgan), "--steps", "100000", "--time_limit", "12")
     ckpt = checkpoint.read_checkpoint(str(tmp_path))
     step = int(ckpt["step"])
     assert 20 <= step < 100000

@@ -27,10 +27,10 @@ transformers trained on them stay valid) and trains a wider, deeper decoder
 
 Departures from the paper / taming-transformers, and why:
   * The perceptual loss (LPIPS, lpips.py) is optional (`perceptual_weight`): on photos it
-    lowers held-out LPIPS at equal steps, though in CPU-length runs L1 alone given the same
-    time does better (docs/results.md, "Tokenizers on real photos"); `photos` has it on, as
-    taming and MaskGIT do for runs that converge; the shapes presets keep it off, as their flat-coloured scenes have no texture for it
-    to restore and it costs a frozen VGG16 pass per step (not measured on shapes).
+    lowers held-out LPIPS at equal steps and at equal time (docs/results.md, "Tokenizers on
+    real photos"), so `photos` has it on, as taming and MaskGIT do; the shapes presets keep
+    it off, as their flat-coloured scenes have no texture for it to restore and it costs a
+    frozen VGG16 pass per step (not measured on shapes).
   * The adversarial term uses a fixed weight (paper Table 5: 0.1) instead of taming's
     adaptive weight (ratio of gradient norms at the last layer): simpler, and stable on the
     small data sets this repository trains on.
@@ -103,15 +103,16 @@ PRESETS = {
     "shapes_hr": VQGANConfig(resolution=64, channels=32, ch_mult=(1, 2, 2), num_groups=8,
                              codebook_size=512, embed_dim=32),
     # the real-photo recipe (scripts/photos.py, docs/results.md "Tokenizers on real photos"):
-    # 64 px, f = 4, LPIPS at taming's weight 1.0. No adversarial term: in CPU-sized runs it
-    # did not pay (its discriminator had not begun to separate real from reconstructed);
-    # long runs add the paper's `--adv_weight 0.1`
+    # 64 px, f = 4, LPIPS at taming's weight 1.0; codes looked up in 8 dimensions (ViT-VQGAN's
+    # factorised codes, §3.2): 2-4x the codes in use of 32 dimensions, better LPIPS and PSNR.
+    # No adversarial term: in CPU-sized runs it did not pay (its discriminator had not begun
+    # to separate real from reconstructed); long runs add the paper's `--adv_weight 0.1`
     "photos": VQGANConfig(resolution=64, channels=32, ch_mult=(1, 2, 2), num_groups=8,
-                          codebook_size=1024, embed_dim=32, perceptual_weight=1.0),
+                          codebook_size=1024, embed_dim=8, perceptual_weight=1.0),
     # decoder fine-tuning (§2.5) of a `photos` tokenizer: the same encoder and codes, a decoder
     # 1.5x as wide with twice the ResBlocks (`train.py vqgan --finetune_decoder --init RUN`)
     "photos_big": VQGANConfig(resolution=64, channels=32, ch_mult=(1, 2, 2), num_groups=8,
-                              codebook_size=1024, embed_dim=32, perceptual_weight=1.0,
+                              codebook_size=1024, embed_dim=8, perceptual_weight=1.0,
                               decoder_channels=48, decoder_res_blocks=2),
     # the paper's base tokenizer: 256 px, f = 16, a 16 x 16 grid, 8192 codes (Muse §2.2)
     "f16_256": VQGANConfig(resolution=256, channels=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
