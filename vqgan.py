@@ -27,13 +27,14 @@ transformers trained on them stay valid) and trains a wider, deeper decoder
 
 Departures from the paper / taming-transformers, and why:
   * The perceptual loss (LPIPS, lpips.py) is optional (`perceptual_weight`): on photos it
-    lowers held-out LPIPS at equal steps and at equal time (docs/results.md, "Tokenizers on
-    real photos"), so `photos` has it on, as taming and MaskGIT do; the shapes presets keep
-    it off, as their flat-coloured scenes have no texture for it to restore and it costs a
-    frozen VGG16 pass per step (not measured on shapes).
+    lowers held-out LPIPS at equal steps and at equal time, where L1 alone keeps the better
+    PSNR (docs/results.md, "Tokenizers on real photos"); `photos` has it on, as taming and
+    MaskGIT do; the shapes presets keep it off, as their flat-coloured scenes have no
+    texture for it to restore and it costs a frozen VGG16 pass per step (not measured on
+    shapes).
   * The adversarial term uses a fixed weight (paper Table 5: 0.1) instead of taming's
-    adaptive weight (ratio of gradient norms at the last layer): simpler, and stable on the
-    small data sets this repository trains on.
+    adaptive weight (ratio of gradient norms at the last layer): simpler; the adaptive one
+    was not measured (on photos the fixed term did not pay in CPU-length runs, docs/results.md).
   * No attention blocks in the presets' encoder/decoder: at the resolutions we train here
     (32-64 px) convolutions already see the whole image (`mid_attention` is there for the
     pretrained diffusers tokenizers that have one).
