@@ -2949,6 +2949,16 @@ def test_decoder_fine_tuning_keeps_every_token_id_and_trains_a_bigger_decoder(tm
     assert e.value.code == 1 and len(err) == 1 and "encoder or codebook differs" in err[0], err
 
 
+def test_photos_big_fine_tunes_a_photos_tokenizer_decoder_only():
+    # `--preset photos_big --finetune_decoder --init` a photos run: only the decoder may differ
+    # (the same encoder and codebook keep every token id), and it must be bigger
+    from dataclasses import asdict
+    small, big = asdict(vqgan.PRESETS["photos"]), asdict(vqgan.PRESETS["photos_big"])
+    differ = {k for k in small if small[k] != big[k]}
+    assert differ == {"decoder_channels", "decoder_res_blocks"}, differ
+    assert big["decoder_channels"] > small["channels"] and big["decoder_res_blocks"] > small["num_res_blocks"]
+
+
 def test_photos_script_writes_image_folders_with_held_out_photos(tmp_path):
     pytest.importorskip("skimage")
     subprocess.run([sys.executable, os.path.join(HERE, "scripts", "photos.py"), str(tmp_path), "--train", "24",
