@@ -295,6 +295,52 @@ def test_straight_through_gradient_reaches_the_encoder():
     assert float(optax.tree.norm(jax.jit(jax.grad(disc_loss, argnums=1))(params, disc_params))) > 0
 
 
+def test_balance_gradients_scales_the_adversarial_gradient_to_the_reconstructions():
+    """The adaptive adversarial weight: the identity forward; backward, the adversarial copy's
+    gradient is rescaled to `weight` times the norm of the reconstruction copy's."""
+    k = jax.random.split(jax.random.PRNGKey(0), 3)
+    x = jax.random.normal(k[0], (2, 4, 4, 3))
+    a, b = jax.random.normal(k[1], x.shape), 50.0 * jax.random.normal(k[2], x.shape)
+
+    def f(x, weight, b):
+        rec, adv = vqgan.balance_gradients(x, weight)
+        return jnp.sum(a * rec) + jnp.sum(b * adv)
+
+    rec, adv = vqgan.balance_gradients(x, 0.1)
+    np.testing.assert_array_equal(rec, x)
+    np.testing.assert_array_equal(adv, x)
+    g = jax.grad(f)(x, 0.1, b)
+    np.testing.assert_allclose(g, a + 0.1 * jnp.linalg.norm(a) / jnp.linalg.norm(b) * b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jnp.linalg.norm(g - a), 0.1 * jnp.linalg.norm(a), rtol=1e-5)
+    np.testing.assert_allclose(jax.grad(f)(x, 0.1, 1000.0 * b), g, rtol=1e-4, atol=1e-6)   # b's scale is gone
+    np.testing.assert_array_equal(jax.grad(f)(x, 0.0, b), a)                                # weight 0: no share
+
+
+def test_adaptive_adversarial_weight_ignores_the_discriminators_scale():
+    """With adv_adaptive, a discriminator whose logits are 10x larger pulls the generator just as
+    hard (the fixed weight's pull grows 10x); before --disc_start both add nothing."""
+    cfg, model, disc, params, disc_params, x = _tiny_vqgan(adv_weight=0.1)
+    last = max(disc_params, key=lambda name: int(name.split("_")[-1]))                  # the logit conv
+    loud = dict(disc_params, **{last: jax.tree.map(lambda w: 10.0 * w, disc_params[last])})
+
+    def grad_fn(adaptive):
+        m = vqgan.VQGAN(replace(cfg, adv_adaptive=adaptive))
+        loss = lambda p, dp, use_adv: vqgan.vqgan_losses(m, disc, p, dp, x, use_adv=use_adv)["g_loss"].mean()
+        return jax.jit(jax.grad(loss))
+
+    grads = {True: grad_fn(True), False: grad_fn(False)}
+    decoder_grad = lambda adaptive, dp, use_adv=True: grads[adaptive](params, dp, jnp.array(use_adv))["decoder"]
+
+    flat = lambda tree: jnp.concatenate([jnp.ravel(v) for v in jax.tree.leaves(tree)])
+    base, base_loud = flat(decoder_grad(True, disc_params)), flat(decoder_grad(True, loud))
+    np.testing.assert_allclose(base_loud, base, rtol=1e-3, atol=1e-5 * float(jnp.abs(base).max()))
+    fixed, fixed_loud = flat(decoder_grad(False, disc_params)), flat(decoder_grad(False, loud))
+    assert float(jnp.linalg.norm(fixed_loud - fixed)) > 0.1 * float(jnp.linalg.norm(fixed))
+    # off (before --disc_start): the adaptive and the fixed weight both leave the reconstruction's gradient
+    np.testing.assert_allclose(flat(decoder_grad(True, loud, use_adv=False)),
+                               flat(decoder_grad(False, loud, use_adv=False)), rtol=1e-5, atol=1e-8)
+
+
 # =============================================================================
 # muse.py: the T5 text encoder
 # =============================================================================
@@ -734,6 +780,14 @@ def test_adversarial_vqgan_training_switches_on_at_disc_start(tmp_path):
     # same seed, same init: only the run whose discriminator trained has moved it
     adv, late = (checkpoint.read_checkpoint(str(tmp_path / d))["params"]["disc"] for d in ("adv", "late"))
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(adv), jax.tree.leaves(late)))
+    # --adv_adaptive is recorded in the run's config and trains the generator differently
+    _train(tmp_path / "adaptive", "vqgan", "--adv_weight", "0.1", "--adv_adaptive", "--disc_start", "2",
+           "--steps", "4", "--weight_decay", "0")
+    ckpts = {d: checkpoint.read_checkpoint(str(tmp_path / d)) for d in ("adv", "adaptive")}
+    assert ckpts["adaptive"]["config"]["vqgan"]["adv_adaptive"] and not ckpts["adv"]["config"]["vqgan"]["adv_adaptive"]
+    assert [r["d_loss"] > 0 for r in _metrics(tmp_path / "adaptive")] == [False, False, True, True]
+    dec = [jax.tree.leaves(ckpts[d]["params"]["vqgan"]["decoder"]) for d in ("adv", "adaptive")]
+    assert any(not np.array_equal(a, b) for a, b in zip(*dec))
 
 
 def test_pmap_on_4_devices_equals_1_device(tmp_path, tiny_vqgan):

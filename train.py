@@ -434,6 +434,8 @@ def new_run(args):
         cfg = vqgan.PRESETS[args.preset or "shapes"]
         if args.adv_weight is not None:
             cfg = replace(cfg, adv_weight=args.adv_weight)
+        if args.adv_adaptive is not None:
+            cfg = replace(cfg, adv_adaptive=args.adv_adaptive)
         if args.perceptual_weight is not None:
             cfg = replace(cfg, perceptual_weight=args.perceptual_weight)
         config = {"stage": "vqgan", "vqgan": asdict(cfg), "train": train_args}
@@ -1128,6 +1130,9 @@ def parse_args(argv=None):
                    help="base: transformers T5 folder or hub name (default: offline ByT5 tokenizer + small random T5)")
     p.add_argument("--text_length", type=int, default=64, help="prompt length in tokens, padded / truncated")
     p.add_argument("--adv_weight", type=finite, default=None, help="vqgan: adversarial weight (paper: 0.1; default: preset)")
+    p.add_argument("--adv_adaptive", action=argparse.BooleanOptionalAction, default=None,
+                   help="vqgan: --adv_weight sets the adversarial gradient's size relative to the reconstruction's "
+                        "at the image (taming's adaptive weight) instead of weighting the loss (default: preset)")
     p.add_argument("--perceptual_weight", type=finite, default=None,
                    help="vqgan: weight of the LPIPS perceptual loss (taming: 1.0, MaskGIT: 0.1; default: preset)")
     p.add_argument("--lpips_weights", default=lpips.weight_file(),

@@ -61,6 +61,7 @@ class VQGANConfig:
     l2_codes: bool = True            # look codes up by cosine similarity (ViT-VQGAN): fewer dead codes
     recon_loss: str = "l1"           # "l1" or "l2"
     adv_weight: float = 0.0          # weight of the generator's adversarial loss (paper Table 5: 0.1); 0 = off
+    adv_adaptive: bool = False       # adv_weight scales the adversarial gradient to the reconstruction's (taming)
     perceptual_weight: float = 0.0   # weight of the LPIPS perceptual loss (lpips.py; taming: 1.0); 0 = off
     disc_channels: int = 64          # width of the patch discriminator's first layer
     disc_layers: int = 3             # strided conv layers in the discriminator
@@ -318,6 +319,37 @@ class PatchDiscriminator(nn.Module):
         return nn.Conv(1, (3, 3))(h)[..., 0]                     # (B, H / 2^layers, W / 2^layers)
 
 
+@jax.custom_vjp
+def balance_gradients(recon, weight):
+    """Two copies of the reconstruction (B, H, W, 3): the first for the reconstruction and
+    perceptual losses, the second for the generator's adversarial term.
+
+    The forward pass is the identity. The backward pass adds the two gradients that reach the
+    copies, g_rec and g_adv, as g_rec + weight * (|g_rec| / |g_adv|) * g_adv: the adversarial
+    pull on the image is `weight` times the reconstruction's, whatever the discriminator's
+    scale. This is taming-transformers' adaptive weight (Esser et al. 2021, eq. 7), measured
+    at the image, where both losses meet, instead of at the decoder's last layer: one
+    backward pass gives both norms for free, where the last layer's need two.
+    Norms are over the batch (each device's own, under pmap, as in taming's data parallelism).
+    """
+    return recon, recon
+
+
+def _balance_fwd(recon, weight):
+    return (recon, recon), weight
+
+
+def _balance_bwd(weight, grads):
+    g_rec, g_adv = grads
+    # clipped at 1e4 as in taming: a discriminator with a flat output (g_adv ~ 0) must not
+    # blow the generator's step up; before --disc_start g_adv is 0 and so is its share
+    ratio = jnp.minimum(jnp.linalg.norm(g_rec) / (jnp.linalg.norm(g_adv) + 1e-12), 1e4)
+    return g_rec + weight * ratio * g_adv, jnp.zeros_like(weight)
+
+
+balance_gradients.defvjp(_balance_fwd, _balance_bwd)
+
+
 def vqgan_losses(model, disc, params, disc_params, images, use_adv, perceptual=None, frozen_encoder=False):
     """All the tokenizer's losses for one batch; returns per-example vectors of shape (B,).
 
@@ -329,9 +361,17 @@ def vqgan_losses(model, disc, params, disc_params, images, use_adv, perceptual=N
     `perceptual(recon, images) -> (B,)` is the frozen LPIPS distance (lpips.py), needed when
     cfg.perceptual_weight > 0: L1 alone averages over what it cannot place and blurs; a
     distance between deep features penalises the missing texture (taming-transformers §3.1).
+    With cfg.adv_adaptive, adv_weight is the adversarial gradient's size relative to the
+    reconstruction's at the image (balance_gradients), not a weight on the loss.
     """
     cfg = model.cfg
     recon, ids, codebook_loss, commit_loss = model.apply({"params": params}, images, frozen_encoder)
+    # the adversarial weight: on the loss, or (adaptive) inside balance_gradients' backward pass
+    adv_on = jnp.where(use_adv, 1.0, 0.0)
+    recon_adv, adv_weight = recon, adv_on * cfg.adv_weight
+    if cfg.adv_weight > 0 and cfg.adv_adaptive:
+        recon, recon_adv = balance_gradients(recon, adv_weight)
+        adv_weight = adv_on
     err = recon - images
     rec_loss = jnp.mean(jnp.abs(err) if cfg.recon_loss == "l1" else err ** 2, axis=(1, 2, 3))   # (B,)
     g_loss = rec_loss + codebook_loss + cfg.beta * commit_loss
@@ -342,14 +382,14 @@ def vqgan_losses(model, disc, params, disc_params, images, use_adv, perceptual=N
     d_loss = g_adv = logit_real = logit_fake = jnp.zeros_like(g_loss)
     if cfg.adv_weight > 0:
         # hinge GAN loss (Lim & Ye 2017, as in taming-transformers)
-        logits_fake_g = disc.apply({"params": jax.lax.stop_gradient(disc_params)}, recon)
+        logits_fake_g = disc.apply({"params": jax.lax.stop_gradient(disc_params)}, recon_adv)
         g_adv = -jnp.mean(logits_fake_g, axis=(1, 2))                                         # (B,)
         logits_real = disc.apply({"params": disc_params}, images)
         logits_fake = disc.apply({"params": disc_params}, jax.lax.stop_gradient(recon))
         d_loss = (jnp.mean(nn.relu(1.0 - logits_real), axis=(1, 2))
                   + jnp.mean(nn.relu(1.0 + logits_fake), axis=(1, 2)))                        # (B,)
-        g_loss = g_loss + jnp.where(use_adv, cfg.adv_weight, 0.0) * g_adv
-        d_loss = jnp.where(use_adv, d_loss, 0.0)
+        g_loss = g_loss + adv_weight * g_adv
+        d_loss = adv_on * d_loss
         # the discriminator's mean logits, logged: how far apart it holds real and reconstructed
         logit_real, logit_fake = jnp.mean(logits_real, axis=(1, 2)), jnp.mean(logits_fake, axis=(1, 2))
     return dict(g_loss=g_loss, d_loss=d_loss, rec_loss=rec_loss, p_loss=p_loss, codebook_loss=codebook_loss,
