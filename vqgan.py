@@ -32,9 +32,11 @@ Departures from the paper / taming-transformers, and why:
     MaskGIT do; the shapes presets keep it off, as their flat-coloured scenes have no
     texture for it to restore and it costs a frozen VGG16 pass per step (not measured on
     shapes).
-  * The adversarial term uses a fixed weight (paper Table 5: 0.1) instead of taming's
-    adaptive weight (ratio of gradient norms at the last layer): simpler; the adaptive one
-    was not measured (on photos the fixed term did not pay in CPU-length runs, docs/results.md).
+  * The adversarial term uses a fixed weight (paper Table 5: 0.1) by default. Taming's
+    adaptive weight is the `adv_adaptive` option (balance_gradients, at the image rather than
+    at the last layer); on photos it did worse than the fixed one in CPU-length runs: a
+    discriminator that has not learned to separate has a near-flat output, and the adaptive
+    weight scales its gradient up to the full share anyway (docs/results.md).
   * No attention blocks in the presets' encoder/decoder: at the resolutions we train here
     (32-64 px) convolutions already see the whole image (`mid_attention` is there for the
     pretrained diffusers tokenizers that have one).
