@@ -391,7 +391,7 @@ def vqgan_losses(model, disc, params, disc_params, images, use_adv, perceptual=N
         d_loss = (jnp.mean(nn.relu(1.0 - logits_real), axis=(1, 2))
                   + jnp.mean(nn.relu(1.0 + logits_fake), axis=(1, 2)))                        # (B,)
         g_loss = g_loss + adv_weight * g_adv
-        d_loss = adv_on * d_loss
+        d_loss = jnp.where(use_adv, d_loss, 0.0)
         # the discriminator's mean logits, logged: how far apart it holds real and reconstructed
         logit_real, logit_fake = jnp.mean(logits_real, axis=(1, 2)), jnp.mean(logits_fake, axis=(1, 2))
     return dict(g_loss=g_loss, d_loss=d_loss, rec_loss=rec_loss, p_loss=p_loss, codebook_loss=codebook_loss,
