@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 import types
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import jax
@@ -3006,7 +3006,6 @@ def test_decoder_fine_tuning_keeps_every_token_id_and_trains_a_bigger_decoder(tm
 def test_photos_big_fine_tunes_a_photos_tokenizer_decoder_only():
     # `--preset photos_big --finetune_decoder --init` a photos run: only the decoder may differ
     # (the same encoder and codebook keep every token id), and it must be bigger
-    from dataclasses import asdict
     small, big = asdict(vqgan.PRESETS["photos"]), asdict(vqgan.PRESETS["photos_big"])
     differ = {k for k in small if small[k] != big[k]}
     assert differ == {"decoder_channels", "decoder_res_blocks"}, differ
