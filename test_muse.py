@@ -3016,10 +3016,29 @@ def test_photos_script_writes_image_folders_with_held_out_photos(tmp_path):
     pytest.importorskip("skimage")
     subprocess.run([sys.executable, os.path.join(HERE, "scripts", "photos.py"), str(tmp_path), "--train", "24",
                     "--heldout", "6", "--size", "32"], check=True, capture_output=True)
-    seen = {}
-    for split, n in (("train", 24), ("heldout", 6)):
-        rows = [json.loads(line) for line in open(tmp_path / split / "metadata.jsonl")]
-        assert len(rows) == n and all(Image.open(tmp_path / split / r["file_name"]).size == (32, 32) for r in rows)
-        seen[split] = {r["text"] for r in rows}
-    assert seen["heldout"] == {"a photo of chelsea", "a photo of coffee", "a photo of gravel"}
-    assert not seen["train"] & seen["heldout"]  # whole photos held out, not crops of the training ones
+    def read(folder, n):
+        rows = [json.loads(line) for line in open(folder / "metadata.jsonl")]
+        pixels = [np.asarray(Image.open(folder / r["file_name"])) for r in rows]
+        assert len(rows) == n and all(p.shape == (32, 32, 3) for p in pixels)
+        return {r["text"] for r in rows}, {p.tobytes() for p in pixels}
+
+    (train, train_pixels), (heldout, heldout_pixels), (crops, crop_pixels) = (
+        read(tmp_path / split, n) for split, n in (("train", 24), ("heldout", 6), ("heldout_crops", 6)))
+    assert heldout == {"a photo of chelsea", "a photo of coffee", "a photo of gravel"}
+    assert not train & heldout                  # whole photos held out, not crops of the training ones
+    assert crops <= train and not crop_pixels & train_pixels  # new crops of the training photos
+
+    # --train_photos N: fewer training photos (the first N of one order, so 2 are among 3), the
+    # same held-out crops, pixel for pixel; out of range exits, writing nothing
+    chosen = {}
+    for n in (2, 3):
+        subprocess.run([sys.executable, os.path.join(HERE, "scripts", "photos.py"), str(tmp_path / str(n)), "--train",
+                        "24", "--heldout", "6", "--size", "32", "--train_photos", str(n)], check=True, capture_output=True)
+        (chosen[n], _), (_, heldout_n), (crops_n, _) = (read(tmp_path / str(n) / split, k) for split, k in
+                                                        (("train", 24), ("heldout", 6), ("heldout_crops", 6)))
+        assert len(chosen[n]) == n and not chosen[n] & heldout and crops_n == chosen[n]
+        assert heldout_n == heldout_pixels
+    assert chosen[2] < chosen[3]
+    bad = subprocess.run([sys.executable, os.path.join(HERE, "scripts", "photos.py"), str(tmp_path / "bad"),
+                          "--train_photos", "13"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "--train_photos 13" in bad.stderr and not (tmp_path / "bad").exists()

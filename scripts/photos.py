@@ -1,7 +1,7 @@
-"""Real photographs for the tokenizer: scikit-image's bundled photos -> two image folders.
+"""Real photographs for the tokenizer: scikit-image's bundled photos -> three image folders.
 
     pip install -r requirements-dev.txt          # scikit-image (this script's only extra)
-    python scripts/photos.py photos              # photos/train, photos/heldout (a few seconds)
+    python scripts/photos.py photos              # photos/train, heldout, heldout_crops (seconds)
     python train.py vqgan --data photos/train --workdir runs/vq_photos --preset photos
 
 No captioned photo set can be downloaded where this project is built, but scikit-image's
@@ -10,7 +10,11 @@ motorcycles, retina, the Hubble deep field, ...). This writes random square crop
 resized to --size px, as the image folders train.py reads (`metadata.jsonl`, one
 `{"file_name", "text"}` a line; the caption names the photo). Whole photos are held out
 (HELDOUT), so `evaluate.py reconstruct --data OUT/heldout` measures a tokenizer on scenes it
-never saw, not on other crops of its training images.
+never saw, not on other crops of its training images. A third folder, OUT/heldout_crops,
+holds new crops of the training photos (drawn after the other two, so never among the
+training crops): a tokenizer's score there against its score on OUT/heldout separates
+what it learned of images in general from what it learned of these twelve photos;
+--train_photos N trains on fewer of them (OUT/heldout keeps the same crops, pixel for pixel).
 
 Crops take a side between --size and half the photo's short side (uniform), so a 64 px crop
 shows anything from a 1:1 patch of texture to a downscaled half of the scene.
@@ -39,41 +43,60 @@ def skimage_data():
     return os.path.join(list(spec.submodule_search_locations)[0], "data")
 
 
-def write_folder(out, photos, n, size, rng):
-    """n random crops of `photos` (PIL images by name) into out/, with metadata.jsonl."""
+def draw_crops(photos, n, size, rng):
+    """n random square crops of `photos` (PIL images by name): [(name, (left, top, right, bottom))]."""
+    names, crops = sorted(photos), []
+    for i in range(n):
+        name = names[i % len(names)]                             # every photo equally often
+        w, h = photos[name].size
+        side = int(rng.integers(size, max(size, min(w, h) // 2) + 1))
+        x, y = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+        crops.append((name, (x, y, x + side, y + side)))
+    return crops
+
+
+def write_folder(out, photos, crops, size):
+    """The crops, resized to size x size, into out/ as PNGs, with metadata.jsonl."""
     os.makedirs(out, exist_ok=True)
-    names = sorted(photos)
     with open(os.path.join(out, "metadata.jsonl"), "w") as meta:
-        for i in range(n):
-            name = names[i % len(names)]                         # every photo equally often
-            img = photos[name]
-            w, h = img.size
-            side = int(rng.integers(size, max(size, min(w, h) // 2) + 1))
-            x, y = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
-            crop = img.crop((x, y, x + side, y + side)).resize((size, size), Image.LANCZOS)
+        for i, (name, box) in enumerate(crops):
             file = f"{i:05d}.png"
-            crop.save(os.path.join(out, file))
+            photos[name].crop(box).resize((size, size), Image.LANCZOS).save(os.path.join(out, file))
             meta.write(json.dumps({"file_name": file, "text": f"a photo of {name.split('.')[0].replace('_', ' ')}"})
                        + "\n")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("out", help="folder to write train/ and heldout/ into")
+    p.add_argument("out", help="folder to write train/, heldout/ and heldout_crops/ into")
     p.add_argument("--size", type=int, default=64, help="side of the crops, in pixels")
     p.add_argument("--train", type=int, default=2000, help="crops of the training photos")
-    p.add_argument("--heldout", type=int, default=96, help="crops of the held-out photos")
+    p.add_argument("--heldout", type=int, default=96, help="crops of the held-out photos, and new crops of the training ones")
+    p.add_argument("--train_photos", type=int, default=0,
+                   help="train on the first N of the training photos in a seeded order (0 = all); the held-out ones stay")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     folder = skimage_data()
     photos = {name: Image.open(os.path.join(folder, name)).convert("RGB") for name in PHOTOS}
+    training = sorted(k for k in photos if k not in HELDOUT)
+    if not 0 <= args.train_photos <= len(training):
+        raise SystemExit(f"error: --train_photos {args.train_photos}: there are {len(training)} training photos")
+    if args.train_photos:   # the first N of one seeded order: 3 photos are among 6, 6 among 12
+        # (its own generator, so that the default crops stay those of every earlier run)
+        training = sorted(np.random.default_rng(args.seed + 1).permutation(training)[:args.train_photos])
+    pick = lambda names: {k: photos[k] for k in names}
     rng = np.random.default_rng(args.seed)
-    write_folder(os.path.join(args.out, "train"), {k: v for k, v in photos.items() if k not in HELDOUT},
-                 args.train, args.size, rng)
-    write_folder(os.path.join(args.out, "heldout"), {k: v for k, v in photos.items() if k in HELDOUT},
-                 args.heldout, args.size, rng)
-    print(f"wrote {args.train} training crops of {len(PHOTOS) - len(HELDOUT)} photos to {args.out}/train and "
-          f"{args.heldout} crops of the held-out {', '.join(HELDOUT)} to {args.out}/heldout ({args.size} px)")
+    train = draw_crops(pick(training), args.train, args.size, rng)
+    if args.train_photos:   # held-out crops the same whatever --train_photos: draw as the default does
+        rng = np.random.default_rng(args.seed)
+        draw_crops(pick(k for k in photos if k not in HELDOUT), args.train, args.size, rng)
+    heldout = draw_crops(pick(HELDOUT), args.heldout, args.size, rng)
+    new_crops = draw_crops(pick(training), args.heldout, args.size, rng)
+    for split, crops in (("train", train), ("heldout", heldout), ("heldout_crops", new_crops)):
+        write_folder(os.path.join(args.out, split), photos, crops, args.size)
+    print(f"wrote {args.train} training crops of {len(training)} photos to {args.out}/train, {args.heldout} crops "
+          f"of the held-out {', '.join(HELDOUT)} to {args.out}/heldout and {args.heldout} new crops of the "
+          f"training photos to {args.out}/heldout_crops ({args.size} px)")
 
 
 if __name__ == "__main__":
