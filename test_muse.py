@@ -3039,6 +3039,16 @@ def test_photos_script_writes_image_folders_with_held_out_photos(tmp_path):
         assert len(chosen[n]) == n and not chosen[n] & heldout and crops_n == chosen[n]
         assert heldout_n == heldout_pixels
     assert chosen[2] < chosen[3]
+
+    # --augment: each training crop is the same crop mirrored and/or turned (one of 8 symmetries)
+    subprocess.run([sys.executable, os.path.join(HERE, "scripts", "photos.py"), str(tmp_path / "aug"), "--train", "24",
+                    "--heldout", "6", "--size", "32", "--augment"], check=True, capture_output=True)
+    symmetries = []
+    for i in range(24):
+        a, b = (np.asarray(Image.open(tmp_path / d / "train" / f"{i:05d}.png")) for d in (".", "aug"))
+        symmetries += [k for k in range(8) if np.array_equal(np.rot90(a[:, ::-1] if k >= 4 else a, k % 4), b)][:1]
+    assert len(symmetries) == 24 and len(set(symmetries)) > 1
+    assert read(tmp_path / "aug" / "heldout", 6)[1] == heldout_pixels
     bad = subprocess.run([sys.executable, os.path.join(HERE, "scripts", "photos.py"), str(tmp_path / "bad"),
                           "--train_photos", "13"], capture_output=True, text=True)
     assert bad.returncode != 0 and "--train_photos 13" in bad.stderr and not (tmp_path / "bad").exists()

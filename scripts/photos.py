@@ -14,7 +14,8 @@ never saw, not on other crops of its training images. A third folder, OUT/heldou
 holds new crops of the training photos (drawn after the other two, so never among the
 training crops): a tokenizer's score there against its score on OUT/heldout separates
 what it learned of images in general from what it learned of these twelve photos;
---train_photos N trains on fewer of them (OUT/heldout keeps the same crops, pixel for pixel).
+--train_photos N trains on fewer of them, and --augment mirrors and turns the training crops
+(OUT/heldout keeps the same crops, pixel for pixel, with either).
 
 Crops take a side between --size and half the photo's short side (uniform), so a 64 px crop
 shows anything from a 1:1 patch of texture to a downscaled half of the scene.
@@ -55,13 +56,19 @@ def draw_crops(photos, n, size, rng):
     return crops
 
 
-def write_folder(out, photos, crops, size):
-    """The crops, resized to size x size, into out/ as PNGs, with metadata.jsonl."""
+def write_folder(out, photos, crops, size, flips=None):
+    """The crops, resized to size x size, into out/ as PNGs, with metadata.jsonl; flips: one of
+    the square's 8 symmetries a crop (mirrored or not, then turned by 0-3 quarter turns)."""
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "metadata.jsonl"), "w") as meta:
         for i, (name, box) in enumerate(crops):
             file = f"{i:05d}.png"
-            photos[name].crop(box).resize((size, size), Image.LANCZOS).save(os.path.join(out, file))
+            crop = photos[name].crop(box).resize((size, size), Image.LANCZOS)
+            if flips is not None and flips[i] >= 4:
+                crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+            if flips is not None and flips[i] % 4:              # (exact: a square's pixels only move)
+                crop = crop.transpose((Image.ROTATE_90, Image.ROTATE_180, Image.ROTATE_270)[flips[i] % 4 - 1])
+            crop.save(os.path.join(out, file))
             meta.write(json.dumps({"file_name": file, "text": f"a photo of {name.split('.')[0].replace('_', ' ')}"})
                        + "\n")
 
@@ -74,6 +81,8 @@ def main():
     p.add_argument("--heldout", type=int, default=96, help="crops of the held-out photos, and new crops of the training ones")
     p.add_argument("--train_photos", type=int, default=0,
                    help="train on the first N of the training photos in a seeded order (0 = all); the held-out ones stay")
+    p.add_argument("--augment", action="store_true",
+                   help="mirror and turn each training crop by one of the square's 8 symmetries (seeded)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     folder = skimage_data()
@@ -92,8 +101,10 @@ def main():
         draw_crops(pick(k for k in photos if k not in HELDOUT), args.train, args.size, rng)
     heldout = draw_crops(pick(HELDOUT), args.heldout, args.size, rng)
     new_crops = draw_crops(pick(training), args.heldout, args.size, rng)
-    for split, crops in (("train", train), ("heldout", heldout), ("heldout_crops", new_crops)):
-        write_folder(os.path.join(args.out, split), photos, crops, args.size)
+    flips = np.random.default_rng(args.seed + 2).integers(0, 8, args.train) if args.augment else None
+    write_folder(os.path.join(args.out, "train"), photos, train, args.size, flips)
+    write_folder(os.path.join(args.out, "heldout"), photos, heldout, args.size)
+    write_folder(os.path.join(args.out, "heldout_crops"), photos, new_crops, args.size)
     print(f"wrote {args.train} training crops of {len(training)} photos to {args.out}/train, {args.heldout} crops "
           f"of the held-out {', '.join(HELDOUT)} to {args.out}/heldout and {args.heldout} new crops of the "
           f"training photos to {args.out}/heldout_crops ({args.size} px)")
