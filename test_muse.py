@@ -3014,8 +3014,10 @@ def test_photos_big_fine_tunes_a_photos_tokenizer_decoder_only():
 
 def test_photos_script_writes_image_folders_with_held_out_photos(tmp_path):
     pytest.importorskip("skimage")
-    subprocess.run([sys.executable, os.path.join(HERE, "scripts", "photos.py"), str(tmp_path), "--train", "24",
-                    "--heldout", "6", "--size", "32"], check=True, capture_output=True)
+    photos = lambda out, *flags: subprocess.run(
+        [sys.executable, os.path.join(HERE, "scripts", "photos.py"), str(out), "--train", "24", "--heldout", "6",
+         "--size", "32", *flags], check=True, capture_output=True)
+    photos(tmp_path)
     def read(folder, n):
         rows = [json.loads(line) for line in open(folder / "metadata.jsonl")]
         pixels = [np.asarray(Image.open(folder / r["file_name"])) for r in rows]
@@ -3032,8 +3034,7 @@ def test_photos_script_writes_image_folders_with_held_out_photos(tmp_path):
     # same held-out crops, pixel for pixel; out of range exits, writing nothing
     chosen = {}
     for n in (2, 3):
-        subprocess.run([sys.executable, os.path.join(HERE, "scripts", "photos.py"), str(tmp_path / str(n)), "--train",
-                        "24", "--heldout", "6", "--size", "32", "--train_photos", str(n)], check=True, capture_output=True)
+        photos(tmp_path / str(n), "--train_photos", str(n))
         (chosen[n], _), (_, heldout_n), (crops_n, _) = (read(tmp_path / str(n) / split, k) for split, k in
                                                         (("train", 24), ("heldout", 6), ("heldout_crops", 6)))
         assert len(chosen[n]) == n and not chosen[n] & heldout and crops_n == chosen[n]
@@ -3041,8 +3042,7 @@ def test_photos_script_writes_image_folders_with_held_out_photos(tmp_path):
     assert chosen[2] < chosen[3]
 
     # --augment: each training crop is the same crop mirrored and/or turned (one of 8 symmetries)
-    subprocess.run([sys.executable, os.path.join(HERE, "scripts", "photos.py"), str(tmp_path / "aug"), "--train", "24",
-                    "--heldout", "6", "--size", "32", "--augment"], check=True, capture_output=True)
+    photos(tmp_path / "aug", "--augment")
     symmetries = []
     for i in range(24):
         a, b = (np.asarray(Image.open(tmp_path / d / "train" / f"{i:05d}.png")) for d in (".", "aug"))

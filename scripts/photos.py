@@ -85,11 +85,11 @@ def main():
                    help="mirror and turn each training crop by one of the square's 8 symmetries (seeded)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    training = every_training = sorted(k for k in PHOTOS if k not in HELDOUT)
+    if not 0 <= args.train_photos <= len(training):      # (before any photo is read)
+        raise SystemExit(f"error: --train_photos {args.train_photos}: there are {len(training)} training photos")
     folder = skimage_data()
     photos = {name: Image.open(os.path.join(folder, name)).convert("RGB") for name in PHOTOS}
-    training = sorted(k for k in photos if k not in HELDOUT)
-    if not 0 <= args.train_photos <= len(training):
-        raise SystemExit(f"error: --train_photos {args.train_photos}: there are {len(training)} training photos")
     if args.train_photos:   # the first N of one seeded order: 3 photos are among 6, 6 among 12
         # (its own generator, so that the default crops stay those of every earlier run)
         training = sorted(np.random.default_rng(args.seed + 1).permutation(training)[:args.train_photos])
@@ -98,7 +98,7 @@ def main():
     train = draw_crops(pick(training), args.train, args.size, rng)
     if args.train_photos:   # held-out crops the same whatever --train_photos: draw as the default does
         rng = np.random.default_rng(args.seed)
-        draw_crops(pick(k for k in photos if k not in HELDOUT), args.train, args.size, rng)
+        draw_crops(pick(every_training), args.train, args.size, rng)
     heldout = draw_crops(pick(HELDOUT), args.heldout, args.size, rng)
     new_crops = draw_crops(pick(training), args.heldout, args.size, rng)
     flips = np.random.default_rng(args.seed + 2).integers(0, 8, args.train) if args.augment else None
